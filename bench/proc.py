@@ -1,0 +1,122 @@
+"""Running the commands under test: wall time, exit code, output and the child's peak RSS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+
+@dataclass(frozen=True)
+class Run:
+    argv: tuple[str, ...]
+    returncode: int
+    seconds: float
+    peak_rss_mb: float  # of the child and the descendants it waited for
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def failure(self) -> str:
+        """One line saying why the command failed, for a "not available: ..." note."""
+        lines = [line.strip() for line in (self.stderr or self.stdout).splitlines() if line.strip()]
+        last = lines[-1] if lines else "no output"
+        return f"`{' '.join(_short(a) for a in self.argv)}` exited {self.returncode}: {last[:300]}"
+
+
+def python() -> str:
+    return sys.executable
+
+
+def cm() -> str:
+    """The `cm` console script installed beside this interpreter (so both use the same Python)."""
+    beside = Path(sys.executable).with_name("cm")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("cm") or "cm"
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """The environment for `cm` runs: no CM_* settings and XDG folders inside home, so a user's config or
+    database is never read or touched."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    env["XDG_CONFIG_HOME"] = str(home / "config")
+    env["XDG_DATA_HOME"] = str(home / "data")
+    return env
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    out_dir: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 900.0,
+) -> Run:
+    """Run argv to completion, timing it and reading its peak RSS from wait4; kill it after timeout seconds.
+
+    Output goes to files rather than pipes, so a chatty command can never block on a full pipe and stall the clock.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        started = time.perf_counter()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
+        except OSError as exc:
+            return Run(tuple(argv), 127, 0.0, 0.0, "", str(exc))
+        # wait4 rather than Popen.wait: it also returns the child's rusage, whose ru_maxrss is the peak RSS.
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; tell Popen so it does not wait again
+    stderr = err_path.read_text(errors="replace")
+    if proc.returncode == -signal.SIGKILL and seconds >= timeout:
+        stderr += f"\ntimed out after {timeout:.0f} s"
+    return Run(
+        argv=tuple(argv),
+        returncode=proc.returncode,
+        seconds=seconds,
+        peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports kilobytes
+        stdout=out_path.read_text(errors="replace"),
+        stderr=stderr,
+    )
+
+
+def time_quietly(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
+    """Seconds argv took, output discarded; raises CalledProcessError when it fails."""
+    started = time.perf_counter()
+    subprocess.run(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd, check=True
+    )
+    return time.perf_counter() - started
+
+
+def redact(url: str) -> str:
+    """url with any password masked, fit to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def _short(arg: str) -> str:
+    # Temp paths make the notes long without saying anything; URLs may carry a password.
+    if "://" in arg:
+        return redact(arg)
+    return Path(arg).name if arg.startswith("/") else arg

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make demo`: a short cm session on a throwaway database. Nothing outside a temporary folder is touched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CM="$PWD/.venv/bin/cm"
+workdir="$(mktemp -d)"
+trap 'rm -rf "$workdir"' EXIT
+# Every cm below uses this database (and no config file from here or from ~/.config).
+export CM_DATABASE_URL="$workdir/demo.db"
+export XDG_CONFIG_HOME="$workdir/config"
+export XDG_DATA_HOME="$workdir/data"
+unset CM_CONFIG CM_QUEUE_URL
+cd "$workdir"
+
+bold="" plain=""
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; fi
+
+# Print the command (quoted where a shell would need it), then run it.
+step() {
+    local line="" arg
+    for arg in "$@"; do
+        if [[ $arg =~ ^[A-Za-z0-9@._/=:,+-]+$ ]]; then line+=" $arg"; else line+=" \"$arg\""; fi
+    done
+    printf '\n%s$ cm%s%s\n' "$bold" "$line" "$plain"
+    "$CM" "$@"
+}
+
+step group create newsletter --description "Monthly news"
+step group add-recipients newsletter \
+    --email ada@example.com --email Grace@Example.com --email alan@example.com --email ADA@example.com
+step recipient opt-out alan@example.com --reason "asked by phone"
+step recipient active
+step group show newsletter
+printf 'Hello!\n\nThis is our monthly news.\n' >may.txt
+step campaign create --title "May news" --subject "What's new in May" --text-file may.txt \
+    --group newsletter --recipient alan@example.com
+step campaign show 1
+# An opted-out address stays out, whatever is tried, until an explicit opt-in.
+step group add-recipients newsletter --email alan@example.com
+step recipient export alan@example.com
+
+# imports:

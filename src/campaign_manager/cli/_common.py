@@ -1,0 +1,172 @@
+"""What every command shares: the lazily loaded settings and session, output to stdout/stderr, the error line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from campaign_manager.errors import CmError, InvalidInput
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from campaign_manager.config import Settings
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table")]
+
+
+@dataclass
+class State:
+    config_path: str | None = None
+    database: str | None = None
+    verbose: bool = False
+    quiet: bool = False
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from campaign_manager.config import load_settings
+
+            self._settings = load_settings(self.config_path, {"database.url": self.database})
+            self.setup_logging(self._settings.get("log.level"), self._settings.get("log.format"))
+        return self._settings
+
+    @contextmanager
+    def session(self, *, write: bool = True) -> Iterator[Session]:
+        from campaign_manager.db import open_session
+
+        with open_session(self.settings.database_url, write=write) as session:
+            yield session
+
+    def setup_logging(self, level_name: str | None = None, log_format: str | None = None) -> None:
+        """Before the settings load, from the environment; again once they have (the file may say more)."""
+        level_name = level_name or os.environ.get("CM_LOG_LEVEL", "warning")
+        level = getattr(logging, level_name.upper(), logging.WARNING)
+        if self.verbose:
+            level = logging.DEBUG
+        elif self.quiet:
+            level = logging.ERROR
+        handler = logging.StreamHandler(sys.stderr)
+        if (log_format or os.environ.get("CM_LOG_FORMAT", "text")) == "json":
+            handler.setFormatter(_JsonFormatter())
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("campaign_manager")
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        root.propagate = False
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        return json.dumps(entry, default=str)
+
+
+def state(ctx: typer.Context) -> State:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, State)
+    return obj
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False) + "\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str | None = None) -> None:
+    """A Rich table on stdout (plain columns when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        # Escaped: a name like "[bold]" is data, not Rich markup.
+        table.add_row(*(escape(_cell(row.get(column))) for column in columns))
+    Console(soft_wrap=True).print(table)
+
+
+def print_record(record: dict[str, Any], *, fields: Sequence[str] | None = None) -> None:
+    """One object as `key: value` lines."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(soft_wrap=True, highlight=False)
+    for key in fields or list(record):
+        console.print(f"[bold]{key.replace('_', ' ')}[/bold]: {escape(_cell(record.get(key)))}")
+
+
+def emit(data: Any, *, as_json: bool, render: Any) -> None:
+    """--json prints `data`; otherwise `render(data)` draws it for a person."""
+    if as_json:
+        print_json(data)
+    else:
+        render(data)
+
+
+def info(ctx: typer.Context, message: str) -> None:
+    """A message for a person: stderr, silenced by --quiet."""
+    if not state(ctx).quiet:
+        typer.echo(message, err=True)
+
+
+def report_error(exc: CmError) -> None:
+    line = f"error: {exc.message}"
+    if exc.hint:
+        line += f" ({exc.hint})"
+    typer.echo(line, err=True)
+
+
+def report_unexpected(exc: BaseException, *, verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)", err=True)
+
+
+def parse_attrs(values: Sequence[str] | None) -> dict[str, str]:
+    """--attr KEY=VALUE, repeated."""
+    attrs: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"malformed --attr {item!r}: expected KEY=VALUE")
+        attrs[key.strip()] = value
+    return attrs

@@ -1,0 +1,137 @@
+"""`cm campaign ...`: what to send, and to whom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
+from campaign_manager.cli._imports import Delimiter, EmailColumn, Encoding, UpdateExisting, Wait, run_import
+from campaign_manager.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from campaign_manager.models import Campaign, Job
+
+app = typer.Typer(
+    name="campaign", help="Create and inspect campaigns.\n\nExample: cm campaign list", no_args_is_help=True
+)
+
+COLUMNS = ("id", "title", "subject", "status", "audience")
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidInput(f"{what}: file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{what} file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    title: Annotated[str, typer.Option(help="Name for you (not shown to recipients)", show_default=False)],
+    subject: Annotated[str, typer.Option(help="Subject line", show_default=False)],
+    text: Annotated[str | None, typer.Option(help="Plain-text body")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="Read the plain-text body from a file")] = None,
+    html_file: Annotated[Path | None, typer.Option(help="Read an HTML body from a file")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="From address")] = None,
+    group: Annotated[list[str] | None, typer.Option("--group", help="Target group (repeatable)")] = None,
+    recipient: Annotated[
+        list[str] | None, typer.Option("--recipient", help="Target recipient id or email (repeatable)")
+    ] = None,
+    recipients_csv: Annotated[
+        str | None,
+        typer.Option("--recipients-csv", help="Import recipients from a CSV file (- for stdin) as a background job"),
+    ] = None,
+    wait: Wait = False,
+    email_column: EmailColumn = None,
+    delimiter: Delimiter = None,
+    encoding: Encoding = None,
+    update_existing: UpdateExisting = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a draft campaign for groups and/or individual recipients.
+
+    With --recipients-csv the file's addresses are imported into the campaign's own audience by a queued job
+    (its id is printed; --wait runs it here), exactly as `cm group add-recipients --csv` does for a group.
+
+    Example: cm campaign create --title "May news" --subject "What's new in May" --text-file may.txt --group newsletter
+    """
+    from campaign_manager.services import campaigns
+
+    if (text is None) == (text_file is None):
+        raise InvalidInput("give exactly one of --text and --text-file")
+    body = text if text is not None else _read(text_file, "--text-file")  # type: ignore[arg-type]
+    html = _read(html_file, "--html-file") if html_file is not None else None
+
+    def make(session: Session) -> Campaign:
+        return campaigns.create_campaign(
+            session,
+            title=title,
+            subject=subject,
+            text=body,
+            html=html,
+            from_address=from_,
+            groups=group or (),
+            recipients=recipient or (),
+        )
+
+    if recipients_csv is not None:
+        from campaign_manager.services.imports import stage_import
+
+        def stage(session: Session) -> Job:
+            campaign = make(session)
+            info(ctx, f"created campaign {campaign.id}")
+            return stage_import(
+                session,
+                recipients_csv,
+                campaign_id=campaign.id,
+                email_column=email_column,
+                delimiter=delimiter,
+                encoding=encoding,
+                update_existing=update_existing,
+            )
+
+        run_import(ctx, stage, wait=wait, as_json=as_json)
+        return
+    with state(ctx).session() as session:
+        data = campaigns.describe_campaigns(session, [make(session)])[0]
+    emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List campaigns with their audience sizes.
+
+    Example: cm campaign list --json
+    """
+    from campaign_manager.services import campaigns
+
+    with state(ctx).session(write=False) as session:
+        rows = campaigns.describe_campaigns(session, campaigns.list_campaigns(session))
+    emit(rows, as_json=as_json, render=lambda r: print_table(r, COLUMNS))
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Campaign id", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Show a campaign, its bodies and its audience (distinct active recipients it would reach).
+
+    Example: cm campaign show 1
+    """
+    from campaign_manager.services import campaigns
+
+    with state(ctx).session(write=False) as session:
+        data = campaigns.describe_campaigns(session, [campaigns.get_campaign(session, ref)], full=True)[0]
+    emit(data, as_json=as_json, render=print_record)

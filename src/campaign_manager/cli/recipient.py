@@ -1,0 +1,226 @@
+"""`cm recipient ...`: the people you mail."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from campaign_manager.cli._common import JsonOption, emit, info, parse_attrs, print_record, print_table, state
+
+app = typer.Typer(
+    name="recipient",
+    help="Create, list, update, opt out and forget recipients.\n\nExample: cm recipient list --active",
+    no_args_is_help=True,
+)
+
+COLUMNS = ("id", "email", "name", "status", "groups")
+Ref = Annotated[str, typer.Argument(help="Recipient id or email", show_default=False)]
+Attrs = Annotated[list[str] | None, typer.Option("--attr", help="KEY=VALUE, repeatable; an empty VALUE removes KEY")]
+
+
+def _show_many(rows: list[dict[str, Any]]) -> None:
+    print_table(rows, COLUMNS)
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    email: Annotated[str, typer.Argument(help="Email address", show_default=False)],
+    name: Annotated[str | None, typer.Option(help="Display name")] = None,
+    phone: Annotated[str | None, typer.Option(help="Phone number")] = None,
+    attr: Attrs = None,
+    group: Annotated[list[str] | None, typer.Option("--group", help="Add to this group (repeatable)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a recipient.
+
+    Example: cm recipient create ada@example.com --name "Ada Lovelace" --attr city=London --group newsletter
+    """
+    from campaign_manager.services import recipients
+
+    attributes = parse_attrs(attr)
+    with state(ctx).session() as session:
+        person = recipients.create_recipient(
+            session, email, name=name, phone=phone, attributes=attributes, groups=group or ()
+        )
+        data = recipients.describe_many(session, [person])[0]
+    emit(data, as_json=as_json, render=print_record)
+
+
+def _list(
+    ctx: typer.Context,
+    *,
+    status: str | None,
+    group: str | None,
+    search: str | None,
+    limit: int | None,
+    offset: int,
+    as_json: bool,
+) -> None:
+    from campaign_manager.services import recipients
+
+    with state(ctx).session(write=False) as session:
+        people = recipients.list_recipients(
+            session, status=status, group=group, search=search, limit=limit, offset=offset
+        )
+        rows = recipients.describe_many(session, people)
+    emit(rows, as_json=as_json, render=_show_many)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    active: Annotated[bool, typer.Option("--active", help="Only active recipients")] = False,
+    opted_out: Annotated[bool, typer.Option("--opted-out", help="Only opted-out recipients")] = False,
+    group: Annotated[str | None, typer.Option(help="Only members of this group (id or name)")] = None,
+    search: Annotated[str | None, typer.Option(help="Text to find in the email or name")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many")] = None,
+    offset: Annotated[int, typer.Option(help="Skip this many first")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """List recipients.
+
+    Example: cm recipient list --active --group newsletter --search example.com --limit 20 --json
+    """
+    from campaign_manager.errors import InvalidInput
+
+    if active and opted_out:
+        raise InvalidInput("--active and --opted-out exclude each other")
+    status = "active" if active else "opted_out" if opted_out else None
+    _list(ctx, status=status, group=group, search=search, limit=limit, offset=offset, as_json=as_json)
+
+
+@app.command("active")
+def active(
+    ctx: typer.Context,
+    group: Annotated[str | None, typer.Option(help="Only members of this group (id or name)")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many")] = None,
+    offset: Annotated[int, typer.Option(help="Skip this many first")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """List the active recipients (the same as `list --active`).
+
+    Example: cm recipient active --json
+    """
+    _list(ctx, status="active", group=group, search=None, limit=limit, offset=offset, as_json=as_json)
+
+
+@app.command("show")
+def show(ctx: typer.Context, ref: Ref, as_json: JsonOption = False) -> None:
+    """Show one recipient.
+
+    Example: cm recipient show ada@example.com
+    """
+    from campaign_manager.services import recipients
+
+    with state(ctx).session(write=False) as session:
+        data = recipients.describe_many(session, [recipients.get_recipient(session, ref)])[0]
+    emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    ref: Ref,
+    name: Annotated[str | None, typer.Option(help="New name (empty to clear)")] = None,
+    phone: Annotated[str | None, typer.Option(help="New phone (empty to clear)")] = None,
+    attr: Attrs = None,
+    add_group: Annotated[list[str] | None, typer.Option("--add-group", help="Add to group (repeatable)")] = None,
+    remove_group: Annotated[
+        list[str] | None, typer.Option("--remove-group", help="Remove from group (repeatable)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a recipient's name, phone, attributes or groups (not their consent: see opt-out/opt-in).
+
+    Example: cm recipient update ada@example.com --attr plan=pro --add-group vip --remove-group trial
+    """
+    from campaign_manager.services import recipients
+
+    attributes = parse_attrs(attr)
+    with state(ctx).session() as session:
+        person = recipients.update_recipient(
+            session,
+            ref,
+            name=name,
+            phone=phone,
+            attributes=attributes,
+            add_groups=add_group or (),
+            remove_groups=remove_group or (),
+        )
+        data = recipients.describe_many(session, [person])[0]
+    emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("opt-out")
+def opt_out(
+    ctx: typer.Context,
+    email: Annotated[str, typer.Argument(help="Email address (need not be in the database yet)")],
+    reason: Annotated[str | None, typer.Option(help="Why, for the consent log")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Opt an address out: it is never mailed again until an explicit opt-in.
+
+    Example: cm recipient opt-out bob@example.com --reason "asked by phone"
+    """
+    from campaign_manager.services import consent, recipients
+
+    with state(ctx).session() as session:
+        person, changed = consent.opt_out(session, email, reason=reason, source="cm recipient opt-out")
+        data = recipients.describe_many(session, [person])[0]
+    info(ctx, f"{data['email']} {'opted out' if changed else 'was already opted out'}")
+    emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("opt-in")
+def opt_in(
+    ctx: typer.Context,
+    ref: Ref,
+    reason: Annotated[str | None, typer.Option(help="Why, for the consent log")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make an opted-out (or forgotten) address active again: the only way back.
+
+    Example: cm recipient opt-in bob@example.com --reason "re-subscribed on the website"
+    """
+    from campaign_manager.services import recipients
+
+    with state(ctx).session() as session:
+        person, changed = recipients.opt_in_address(session, ref, reason=reason, source="cm recipient opt-in")
+        data = recipients.describe_many(session, [person])[0]
+    info(ctx, f"{data['email']} {'opted in' if changed else 'was already active'}")
+    emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("export")
+def export(ctx: typer.Context, ref: Ref) -> None:
+    """Print everything held about a person, consent history included, as JSON (a GDPR access request).
+
+    Example: cm recipient export ada@example.com > ada.json
+    """
+    from campaign_manager.cli._common import print_json
+    from campaign_manager.services import recipients
+
+    with state(ctx).session(write=False) as session:
+        data = recipients.export_recipient(session, ref)
+    print_json(data)
+
+
+@app.command("forget")
+def forget(
+    ctx: typer.Context,
+    ref: Ref,
+    reason: Annotated[str | None, typer.Option(help="Why, for the consent log")] = "erasure request",
+    as_json: JsonOption = False,
+) -> None:
+    """Erase a person's data (GDPR); only a hash of the address is kept, so nothing brings them back.
+
+    Example: cm recipient forget bob@example.com
+    """
+    from campaign_manager.services import recipients
+
+    with state(ctx).session() as session:
+        data = recipients.forget_recipient(session, ref, reason=reason, source="cm recipient forget")
+    info(ctx, f"forgot recipient {data['id']}; the address is suppressed for good")
+    emit(data, as_json=as_json, render=print_record)

@@ -1,0 +1,158 @@
+"""The consent rules, in one place: every path that creates, adds or mails recipients asks here.
+
+- An opted-out person stays opted out until an explicit `opt_in`; nothing else reactivates them.
+- A forgotten person is erased; only the SHA-256 of their email key is kept, in `suppression`, and an address
+  with that hash can never be created, imported or mailed again.
+- Every opt-out, opt-in and erasure is appended to `consent_event` with its time, reason and source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from sqlalchemy import ColumnElement
+from sqlmodel import Session, col, delete, select
+
+from campaign_manager.errors import ConsentError, NotFound
+from campaign_manager.models import (
+    ACTIVE,
+    OPTED_OUT,
+    ConsentEvent,
+    Recipient,
+    Suppression,
+    utcnow,
+)
+from campaign_manager.services.emails import email_key, normalize_email
+
+OPT_OUT, OPT_IN, FORGET = "opt_out", "opt_in", "forget"
+log = logging.getLogger(__name__)
+
+
+def email_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def mailable() -> ColumnElement[bool]:
+    """The SQL condition every audience query uses: only active recipients may be mailed."""
+    return col(Recipient.status) == ACTIVE
+
+
+def is_forgotten(session: Session, key: str) -> bool:
+    return session.get(Suppression, email_hash(key)) is not None
+
+
+def suppressed_hashes(session: Session) -> set[str]:
+    """All erased addresses' hashes, for bulk imports to test rows against without a query per row."""
+    return set(session.exec(select(Suppression.email_hash)).all())
+
+
+def refuse_if_forgotten(session: Session, key: str, email: str) -> None:
+    if is_forgotten(session, key):
+        raise ConsentError(
+            f"{email} was forgotten (erased on request) and cannot be added again",
+            hint="only `cm recipient opt-in` by the person themselves lifts this",
+        )
+
+
+def _record(
+    session: Session, *, key: str, recipient_id: int | None, action: str, reason: str | None, source: str
+) -> ConsentEvent:
+    event = ConsentEvent(
+        recipient_id=recipient_id, email_hash=email_hash(key), action=action, reason=reason, source=source
+    )
+    session.add(event)
+    # Ids only: a log line outlives `forget`, so it must not hold the address.
+    log.info(
+        "consent %s by %s",
+        action,
+        source,
+        extra={"fields": {"action": action, "recipient_id": recipient_id, "source": source}},
+    )
+    return event
+
+
+def opt_out(session: Session, email: str, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
+    """Opt an address out. An address not in the database is recorded as an opted-out recipient, so that a later
+    create or import cannot mail it. `email` may also be a recipient id. Returns the recipient and whether
+    anything changed."""
+    if email.strip().isdigit():
+        recipient = session.get(Recipient, int(email.strip()))
+        if recipient is None:
+            raise NotFound(f"no recipient {email.strip()!r}", hint="give the email address to opt out a new one")
+        normalized, key = recipient.email, recipient.email_key
+    else:
+        normalized = normalize_email(email)
+        key = email_key(normalized)
+        recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
+    if recipient is None:
+        if is_forgotten(session, key):
+            raise ConsentError(f"{normalized} was forgotten; it is already never mailed")
+        recipient = Recipient(email=normalized, email_key=key, status=OPTED_OUT)
+        session.add(recipient)
+    elif recipient.status == OPTED_OUT:
+        return recipient, False
+    now = utcnow()
+    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = OPTED_OUT, reason, now
+    recipient.updated_at = now
+    session.flush()
+    _record(session, key=key, recipient_id=recipient.id, action=OPT_OUT, reason=reason, source=source)
+    return recipient, True
+
+
+def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> bool:
+    """The only way back to `active`. Returns whether anything changed."""
+    if recipient.status == ACTIVE:
+        return False
+    now = utcnow()
+    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = ACTIVE, None, None
+    recipient.updated_at = now
+    _record(
+        session,
+        key=recipient.email_key,
+        recipient_id=recipient.id,
+        action=OPT_IN,
+        reason=reason,
+        source=source,
+    )
+    return True
+
+
+def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source: str) -> bool:
+    """Lift an erasure for an address the person gives again (they asked to come back)."""
+    key = email_key(normalize_email(email))
+    row = session.get(Suppression, email_hash(key))
+    if row is None:
+        return False
+    session.delete(row)
+    _record(session, key=key, recipient_id=None, action=OPT_IN, reason=reason, source=source)
+    return True
+
+
+def forget(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> str:
+    """Erase a person: their row, memberships and audience links go (by cascade); their consent events lose the
+    link to them; a suppression entry keeps their address from coming back. Returns the hash kept."""
+    from campaign_manager.models import CampaignRecipient, GroupMember
+
+    key = recipient.email_key
+    digest = email_hash(key)
+    session.exec(delete(GroupMember).where(col(GroupMember.recipient_id) == recipient.id))
+    session.exec(delete(CampaignRecipient).where(col(CampaignRecipient.recipient_id) == recipient.id))
+    for event in session.exec(select(ConsentEvent).where(ConsentEvent.recipient_id == recipient.id)).all():
+        event.recipient_id = None
+    session.delete(recipient)
+    if session.get(Suppression, digest) is None:
+        session.add(Suppression(email_hash=digest, reason=reason))
+    session.flush()
+    _record(session, key=key, recipient_id=None, action=FORGET, reason=reason, source=source)
+    return digest
+
+
+def history(session: Session, recipient: Recipient) -> list[dict[str, Any]]:
+    events = session.exec(
+        select(ConsentEvent)
+        .where(ConsentEvent.email_hash == email_hash(recipient.email_key))
+        .order_by(col(ConsentEvent.id))
+    ).all()
+    return [{"action": e.action, "reason": e.reason, "source": e.source, "at": e.created_at} for e in events]

@@ -1,0 +1,456 @@
+"""Job rows: what was queued, who is running it, and how it ended, whatever the queue backend.
+
+A job is claimed atomically (one UPDATE that only matches a queued job, or a running one whose lease has expired),
+so a job is run by one worker at a time however many workers or overlapping `cm worker --drain` runs there are.
+While its handler runs, a heartbeat renews the lease; a worker that dies stops renewing it, and
+`recover_stale_jobs` puts the job back on the queue. Every later write about a run is fenced on
+(status running, worker, attempts), so a run that lost its job can never overwrite what a newer run recorded.
+
+Handlers must be idempotent: a job may be run again after a crash, a release or a retry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from importlib import import_module
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from campaign_manager.db import is_sqlite, open_session
+from campaign_manager.errors import CmError, Conflict, InvalidInput, NotFound
+from campaign_manager.models import (
+    JOB_CANCELLED,
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_STATUSES,
+    Job,
+    utcnow,
+)
+
+Progress = Callable[[int, int], None]
+Handler = Callable[[str, int, Progress], dict[str, Any]]
+
+# kind -> "module:function", imported on first use so that `cm` starts without loading every handler.
+HANDLERS: dict[str, str] = {
+    "import": "campaign_manager.services.imports:run_import_job",
+}
+_loaded: dict[str, Handler] = {}
+
+# What one attempt at a job came to (Attempt.outcome).
+DONE, FAILED, RETRY, SKIPPED, RELEASED, LOST = "done", "failed", "retry", "skipped", "released", "lost"
+
+log = logging.getLogger("campaign_manager.worker")
+
+
+class JobReleased(BaseException):
+    """Raised inside a handler, from its progress callback, when its worker gives the job back (shutting down) or
+    has lost it (its lease expired and another worker took it). A BaseException, so that a handler's
+    `except Exception` does not swallow it; the handler's transaction rolls back."""
+
+
+def register_handler(kind: str, func: Handler | str) -> None:
+    """Add a job kind (tests register throwaway kinds; always unregister them)."""
+    if isinstance(func, str):
+        HANDLERS[kind] = func
+        _loaded.pop(kind, None)
+    else:
+        HANDLERS[kind] = f"{func.__module__}:{func.__qualname__}"
+        _loaded[kind] = func
+
+
+def unregister_handler(kind: str) -> None:
+    HANDLERS.pop(kind, None)
+    _loaded.pop(kind, None)
+
+
+def get_handler(kind: str) -> Handler:
+    """The handler of `kind`, imported once. A kind nobody handles is a permanent failure (CmError)."""
+    if kind not in _loaded:
+        target = HANDLERS.get(kind)
+        if target is None:
+            raise InvalidInput(f"no handler for job kind {kind!r}", hint=f"known kinds: {', '.join(sorted(HANDLERS))}")
+        module, _, name = target.partition(":")
+        try:
+            handler: Handler = getattr(import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise CmError(f"cannot load the handler of job kind {kind!r} ({target}): {exc}") from None
+        _loaded[kind] = handler
+    return _loaded[kind]
+
+
+def worker_name() -> str:
+    """host:pid, recorded on the jobs this process runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:200]
+
+
+# -- the job table, for the CLI ---------------------------------------------------------------------------------
+
+
+def create_job(session: Session, kind: str, args: dict[str, Any]) -> Job:
+    """A queued job row (flushed, so it has an id). The caller commits, then enqueues it (queue.enqueue_job)."""
+    if kind not in HANDLERS:
+        raise InvalidInput(f"unknown job kind {kind!r}", hint=f"known kinds: {', '.join(sorted(HANDLERS))}")
+    job = Job(kind=kind, args=dict(args), status=JOB_QUEUED)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFound(f"no job {job_id}", hint="see `cm jobs list`")
+    return job
+
+
+def list_jobs(session: Session, *, status: str | None = None, limit: int | None = 50) -> list[Job]:
+    """Newest first."""
+    query = select(Job).order_by(col(Job.id).desc())
+    if status is not None:
+        if status not in JOB_STATUSES:
+            raise InvalidInput(f"unknown job status {status!r}", hint=f"one of {', '.join(JOB_STATUSES)}")
+        query = query.where(Job.status == status)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.exec(query).all())
+
+
+def describe_job(job: Job) -> dict[str, Any]:
+    """The job as `cm jobs` shows it (table and --json alike)."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "error": job.error,
+        "counts": dict(job.counts or {}),
+        "progress": (job.result or {}).get("progress"),
+        "args": dict(job.args or {}),
+    }
+
+
+def cancel_job(session: Session, job_id: int) -> Job:
+    """Cancel a job that has not started (or is waiting for a retry). Its queue message, when a worker takes it,
+    finds the job cancelled and does nothing."""
+    cancelled = session.exec(
+        sa.update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == JOB_QUEUED)
+        .values(status=JOB_CANCELLED, finished_at=utcnow(), lease_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    job = get_job(session, job_id)
+    if not cancelled:
+        hint = "it cannot be stopped from here; stop its worker to release it" if job.status == JOB_RUNNING else None
+        raise Conflict(f"job {job_id} is {job.status}: only a queued job can be cancelled", hint=hint)
+    return job
+
+
+# -- running a job ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    """One attempt at a job: the row as it stands after it, and what came of it (DONE, FAILED, RETRY, SKIPPED,
+    RELEASED or LOST)."""
+
+    job: Job
+    outcome: str
+    seconds: float = 0.0
+
+
+@dataclass
+class _Run:
+    """A job this process is running: the fencing token of its claim, its progress, and the flags the heartbeat
+    and a shutdown use to take it back."""
+
+    job_id: int
+    worker: str
+    attempts: int
+    lease: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    released: bool = False
+    lost: bool = False
+    done: int | None = None  # the handler's last progress call, if any
+    total: int = 0
+
+
+_active: dict[int, _Run] = {}
+_active_lock = threading.Lock()
+
+
+def _fenced(run: _Run) -> Any:
+    """An UPDATE of the job that only applies while this run still holds it."""
+    return (
+        sa.update(Job)
+        .where(
+            col(Job.id) == run.job_id,
+            col(Job.status) == JOB_RUNNING,
+            col(Job.worker) == run.worker,
+            col(Job.attempts) == run.attempts,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _merge_progress(url: str, run: _Run) -> Any:
+    """`result` with its "progress" key set, merged in the database: the handler may be writing other keys of
+    `result` in its own transaction, and a read-modify-write here would undo them."""
+    if run.done is None:
+        return col(Job.result)
+    value = json.dumps({"done": run.done, "total": run.total})
+    if is_sqlite(url):
+        return sa.func.json_set(col(Job.result), "$.progress", sa.func.json(value))
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    merged = sa.cast(col(Job.result), JSONB).op("||")(sa.func.jsonb_build_object("progress", sa.cast(value, JSONB)))
+    return sa.cast(merged, sa.JSON)
+
+
+def _write(url: str, statement: Any) -> int:
+    with open_session(url) as session:
+        return int(session.exec(statement).rowcount)
+
+
+def _claim(url: str, job_id: int, *, worker: str, lease: float) -> tuple[Job, _Run | None]:
+    now = utcnow()
+    with open_session(url) as session:
+        claimed = session.exec(
+            sa.update(Job)
+            .where(
+                col(Job.id) == job_id,
+                sa.or_(
+                    col(Job.status) == JOB_QUEUED,
+                    sa.and_(col(Job.status) == JOB_RUNNING, col(Job.lease_until) < now),
+                ),
+            )
+            .values(
+                status=JOB_RUNNING,
+                attempts=col(Job.attempts) + 1,
+                worker=worker,
+                started_at=now,
+                finished_at=None,
+                lease_until=now + timedelta(seconds=lease),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        job = get_job(session, job_id)
+    return job, (_Run(job_id, worker, job.attempts, lease) if claimed else None)
+
+
+def _heartbeat(url: str, run: _Run) -> None:
+    interval = min(run.lease / 3, 5.0)
+    while not run.finished.wait(interval):
+        with run.lock:
+            if run.released:
+                return
+            try:
+                renewed = _write(
+                    url,
+                    _fenced(run).values(
+                        lease_until=utcnow() + timedelta(seconds=run.lease), result=_merge_progress(url, run)
+                    ),
+                )
+            except CmError as exc:
+                # The lease is long enough to survive a few missed beats (a SQLite write lock held by the handler).
+                log.debug("job %d: heartbeat failed: %s", run.job_id, exc.message)
+                continue
+            if not renewed:
+                log.warning("job %d: lost its lease to another worker; abandoning this run", run.job_id)
+                run.lost = True
+                run.stop.set()
+                return
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, CmError):
+        return exc.message + (f" ({exc.hint})" if exc.hint else "")
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def attempt_job(
+    url: str,
+    job_id: int,
+    *,
+    worker: str,
+    progress: Progress | None = None,
+    retry: bool = False,
+    max_attempts: int | None = None,
+    lease_seconds: float = 60.0,
+    on_start: Callable[[Job], None] | None = None,
+) -> Attempt:
+    """Claim and run one job. A job that is done, failed, cancelled or held by a live worker is SKIPPED.
+
+    The handler's CmError fails the job at once. Any other exception fails it too, unless `retry` (the caller
+    will run it again) and it has had fewer than `max_attempts` claims: then it goes back to queued, error
+    recorded, and the outcome is RETRY. Raises NotFound for a job that does not exist.
+    """
+    job, run = _claim(url, job_id, worker=worker, lease=lease_seconds)
+    if run is None:
+        return Attempt(job, SKIPPED)
+    with _active_lock:
+        _active[job_id] = run
+    if on_start is not None:
+        on_start(job)
+
+    def _progress(done: int, total: int) -> None:
+        run.done, run.total = done, total
+        if run.stop.is_set():
+            raise JobReleased
+        if progress is not None:
+            progress(done, total)
+
+    beat = threading.Thread(target=_heartbeat, args=(url, run), name=f"heartbeat-{job_id}", daemon=True)
+    beat.start()
+    start = time.monotonic()
+    try:
+        counts = get_handler(job.kind)(url, job_id, _progress)
+        values: dict[str, Any] = {"status": JOB_DONE, "counts": dict(counts or {}), "error": None}
+        outcome = DONE
+    except JobReleased:
+        values, outcome = {}, RELEASED
+    except CmError as exc:
+        values, outcome = {"status": JOB_FAILED, "error": _error_text(exc)}, FAILED
+    except Exception as exc:
+        log.debug("job %d: %s", job_id, _error_text(exc), exc_info=True)
+        if retry and (max_attempts is None or run.attempts < max_attempts):
+            values, outcome = {"status": JOB_QUEUED, "error": _error_text(exc)}, RETRY
+        else:
+            suffix = f" (after {run.attempts} attempts)" if run.attempts > 1 else ""
+            values, outcome = {"status": JOB_FAILED, "error": _error_text(exc) + suffix}, FAILED
+    except BaseException as exc:
+        # Ctrl-C in a `--wait` run: nothing will run this job again by itself, so say what happened to it.
+        with run.lock:
+            if not run.released:
+                _write(url, _fenced(run).values(status=JOB_FAILED, error="interrupted", finished_at=utcnow()))
+        raise exc
+    finally:
+        run.finished.set()
+        with _active_lock:
+            _active.pop(job_id, None)
+    seconds = time.monotonic() - start
+    with run.lock:
+        if outcome == RELEASED or run.released or run.lost:
+            return Attempt(_read(url, job_id), LOST if run.lost else RELEASED, seconds)
+        if outcome != RETRY:
+            values["finished_at"] = utcnow()
+        values.update(lease_until=None, result=_merge_progress(url, run))
+        if not _write(url, _fenced(run).values(**values)):
+            log.warning("job %d: lost its lease to another worker before it finished", job_id)
+            outcome = LOST
+    return Attempt(_read(url, job_id), outcome, seconds)
+
+
+def run_job(url: str, job_id: int, *, worker: str, progress: Progress | None = None, **options: Any) -> Job:
+    """attempt_job, for callers that only need the row (a `--wait` import): no retry, so it ends done or failed
+    (or untouched, when someone else holds it). `options` are attempt_job's."""
+    return attempt_job(url, job_id, worker=worker, progress=progress, **options).job
+
+
+def _read(url: str, job_id: int) -> Job:
+    with open_session(url, write=False) as session:
+        return get_job(session, job_id)
+
+
+# -- getting jobs back ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recovery:
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+def recover_stale_jobs(
+    url: str, *, enqueue: Callable[[int], None] | None = None, max_attempts: int | None = None
+) -> Recovery:
+    """Running jobs whose lease has expired (their worker died or hung) go back to queued, and `enqueue(id)` puts
+    a message for each on the queue; a job claimed `max_attempts` times already is failed instead, so a job that
+    kills its worker cannot loop forever.
+
+    The message goes first: a crash in between leaves the job running-and-expired (found again next time) or
+    doubly queued (the second message finds it taken and does nothing), never queued without a message.
+    """
+    now = utcnow()
+    recovery = Recovery()
+    with open_session(url, write=False) as session:
+        stale = session.exec(
+            select(Job.id, Job.attempts, Job.worker).where(col(Job.status) == JOB_RUNNING, col(Job.lease_until) < now)
+        ).all()
+    for job_id, attempts, worker in stale:
+        assert job_id is not None
+        still_stale = (
+            sa.update(Job)
+            .where(
+                col(Job.id) == job_id,
+                col(Job.status) == JOB_RUNNING,
+                col(Job.attempts) == attempts,
+                col(Job.lease_until) < now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if max_attempts is not None and attempts >= max_attempts:
+            error = f"its worker ({worker}) stopped responding; gave up after {attempts} attempts"
+            if _write(url, still_stale.values(status=JOB_FAILED, error=error, finished_at=now, lease_until=None)):
+                recovery.failed.append(job_id)
+            continue
+        if enqueue is not None:
+            enqueue(job_id)
+        if _write(url, still_stale.values(status=JOB_QUEUED, lease_until=None)):
+            recovery.requeued.append(job_id)
+    return recovery
+
+
+def release_jobs(url: str, *, enqueue: Callable[[int], None]) -> list[int]:
+    """Give back every job this process is running (a worker shutting down): each goes back to queued with a
+    message on the queue, its attempt not counted, and its handler is told to stop (JobReleased, at its next
+    progress call). A handler that never calls progress runs on until the process exits, which rolls it back."""
+    with _active_lock:
+        runs = list(_active.values())
+    released = []
+    for run in runs:
+        with run.lock:
+            if run.released or run.finished.is_set():
+                continue
+            run.released = True
+            run.stop.set()
+            # Expire the lease first: from here on the job is claimable, and recoverable if we die.
+            expired = _write(
+                url,
+                _fenced(run).values(lease_until=utcnow() - timedelta(seconds=1), attempts=col(Job.attempts) - 1),
+            )
+        if not expired:
+            continue
+        run.attempts -= 1
+        enqueue(run.job_id)
+        _write(
+            url,
+            _fenced(run)
+            .where(col(Job.lease_until) < utcnow())
+            .values(status=JOB_QUEUED, lease_until=None, error="released by a stopping worker"),
+        )
+        released.append(run.job_id)
+    return released
+
+
+def active_jobs() -> list[int]:
+    """Ids of the jobs this process is running now."""
+    with _active_lock:
+        return sorted(_active)

@@ -1,0 +1,227 @@
+"""Recipients: create, find, list, update, export and forget. Consent changes go through `consent`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, or_
+from sqlmodel import Session, col, select
+
+from campaign_manager.errors import Conflict, ConsentError, InvalidInput, NotFound
+from campaign_manager.models import ACTIVE, OPTED_OUT, Group, GroupMember, Recipient, utcnow
+from campaign_manager.services import consent
+from campaign_manager.services.emails import email_key, normalize_email
+
+
+def find_recipient(session: Session, ref: str | int) -> Recipient | None:
+    """By id (digits) or by email, case-insensitively."""
+    text = str(ref).strip()
+    if text.isdigit():
+        return session.get(Recipient, int(text))
+    try:
+        key = email_key(normalize_email(text))
+    except InvalidInput:
+        key = text.lower()
+    return session.exec(select(Recipient).where(Recipient.email_key == key)).first()
+
+
+def get_recipient(session: Session, ref: str | int) -> Recipient:
+    recipient = find_recipient(session, ref)
+    if recipient is None:
+        raise NotFound(f"no recipient {str(ref)!r}", hint="see `cm recipient list`")
+    return recipient
+
+
+def _clean_phone(phone: str | None) -> str | None:
+    if phone is None:
+        return None
+    phone = phone.strip()
+    if phone and not all(ch.isdigit() or ch in "+-(). " for ch in phone):
+        raise InvalidInput(f"invalid phone number {phone!r}: use digits, spaces and + - ( ) .")
+    return phone or None
+
+
+def create_recipient(
+    session: Session,
+    email: str,
+    *,
+    name: str | None = None,
+    phone: str | None = None,
+    attributes: dict[str, Any] | None = None,
+    groups: Sequence[str] = (),
+) -> Recipient:
+    from campaign_manager.services.groups import get_group
+
+    normalized = normalize_email(email)
+    key = email_key(normalized)
+    existing = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
+    if existing is not None and existing.status == OPTED_OUT:
+        raise ConsentError(
+            f"{existing.email} opted out (id {existing.id}); creating it again would not make it active",
+            hint="only `cm recipient opt-in` does that",
+        )
+    if existing is not None:
+        raise Conflict(
+            f"recipient {existing.email} already exists (id {existing.id})", hint="use `cm recipient update`"
+        )
+    consent.refuse_if_forgotten(session, key, normalized)
+    targets = [get_group(session, ref) for ref in groups]
+    recipient = Recipient(
+        email=normalized, email_key=key, name=name, phone=_clean_phone(phone), attributes=attributes or {}
+    )
+    session.add(recipient)
+    session.flush()
+    for group in targets:
+        session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
+    session.flush()
+    return recipient
+
+
+def update_recipient(
+    session: Session,
+    ref: str | int,
+    *,
+    name: str | None = None,
+    phone: str | None = None,
+    attributes: dict[str, Any] | None = None,
+    add_groups: Sequence[str] = (),
+    remove_groups: Sequence[str] = (),
+) -> Recipient:
+    """Change what is given; an attribute set to the empty string is removed. Status is not changed here:
+    that is `consent.opt_out` / `consent.opt_in`."""
+    from campaign_manager.services.groups import get_group
+
+    recipient = get_recipient(session, ref)
+    if name is not None:
+        recipient.name = name or None
+    if phone is not None:
+        recipient.phone = _clean_phone(phone)
+    if attributes:
+        merged = dict(recipient.attributes)
+        for key, value in attributes.items():
+            if value == "":
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        recipient.attributes = merged
+    for ref_ in add_groups:
+        group = get_group(session, ref_)
+        if session.get(GroupMember, (group.id, recipient.id)) is None:
+            session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
+    for ref_ in remove_groups:
+        group = get_group(session, ref_)
+        member = session.get(GroupMember, (group.id, recipient.id))
+        if member is not None:
+            session.delete(member)
+    recipient.updated_at = utcnow()
+    session.flush()
+    return recipient
+
+
+def list_recipients(
+    session: Session,
+    *,
+    status: str | None = None,
+    group: str | None = None,
+    search: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[Recipient]:
+    from campaign_manager.services.groups import get_group
+
+    if (limit is not None and limit < 0) or offset < 0:
+        raise InvalidInput("--limit and --offset must not be negative")
+    query = select(Recipient)
+    if status == ACTIVE:
+        query = query.where(consent.mailable())
+    elif status == OPTED_OUT:
+        query = query.where(Recipient.status == OPTED_OUT)
+    if group is not None:
+        group_id = get_group(session, group).id
+        query = query.join(GroupMember, col(GroupMember.recipient_id) == Recipient.id).where(
+            GroupMember.group_id == group_id
+        )
+    if search:
+        # Lowercase on both sides rather than ILIKE: SQLite's LIKE ignores case for ASCII only (db.py gives SQLite
+        # a Unicode lower()). autoescape makes % and _ in the search text match themselves.
+        text = search.lower()
+        query = query.where(
+            or_(
+                col(Recipient.email_key).contains(text, autoescape=True),
+                func.lower(col(Recipient.name)).contains(text, autoescape=True),
+            )
+        )
+    query = query.order_by(col(Recipient.id)).offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.exec(query).all())
+
+
+def group_names(session: Session, recipient_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Each recipient's group names, in one query for the whole page."""
+    names: dict[int, list[str]] = {rid: [] for rid in recipient_ids}
+    if not recipient_ids:
+        return names
+    rows = session.exec(
+        select(GroupMember.recipient_id, Group.name)
+        .join(Group, col(Group.id) == GroupMember.group_id)
+        .where(col(GroupMember.recipient_id).in_(recipient_ids))
+        .order_by(col(Group.name))
+    ).all()
+    for rid, gname in rows:
+        if rid is not None:
+            names[rid].append(gname)
+    return names
+
+
+def describe(recipient: Recipient, groups: list[str]) -> dict[str, Any]:
+    """The recipient as the CLI shows it (table and --json alike)."""
+    return {
+        "id": recipient.id,
+        "email": recipient.email,
+        "name": recipient.name,
+        "phone": recipient.phone,
+        "status": recipient.status,
+        "groups": groups,
+        "attributes": recipient.attributes,
+        "opt_out_reason": recipient.opt_out_reason,
+        "opted_out_at": recipient.opted_out_at,
+        "created_at": recipient.created_at,
+        "updated_at": recipient.updated_at,
+    }
+
+
+def describe_many(session: Session, recipients: Sequence[Recipient]) -> list[dict[str, Any]]:
+    names = group_names(session, [r.id for r in recipients if r.id is not None])
+    return [describe(r, names.get(r.id or 0, [])) for r in recipients]
+
+
+def export_recipient(session: Session, ref: str | int) -> dict[str, Any]:
+    """Everything held about one person (GDPR access request), consent history included."""
+    recipient = get_recipient(session, ref)
+    data = describe_many(session, [recipient])[0]
+    data["consent_history"] = consent.history(session, recipient)
+    return data
+
+
+def forget_recipient(session: Session, ref: str | int, *, reason: str | None, source: str) -> dict[str, Any]:
+    recipient = get_recipient(session, ref)
+    rid, email = recipient.id, recipient.email
+    digest = consent.forget(session, recipient, reason=reason, source=source)
+    return {"id": rid, "email": email, "forgotten": True, "suppression_hash": digest}
+
+
+def opt_in_address(session: Session, ref: str, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
+    """`cm recipient opt-in`: reactivate an opted-out recipient, or bring back a forgotten address (as a new,
+    active recipient with nothing of the old data). Returns the recipient and whether anything changed."""
+    recipient = find_recipient(session, ref)
+    if recipient is not None:
+        return recipient, consent.opt_in(session, recipient, reason=reason, source=source)
+    if not ref.strip().isdigit() and consent.opt_in_forgotten(session, ref, reason=reason, source=source):
+        normalized = normalize_email(ref)
+        recipient = Recipient(email=normalized, email_key=email_key(normalized))
+        session.add(recipient)
+        session.flush()
+        return recipient, True
+    raise NotFound(f"no recipient {ref!r}", hint="see `cm recipient list`")

@@ -1,0 +1,261 @@
+"""Configuration: where the file is found, file < CM_* environment < flags, relative paths, `cm init`,
+`cm config show` and campaign.toml.example."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaign_manager import config
+from conftest import Run, assert_error
+
+Cm = Callable[..., Run]
+ROOT = Path(__file__).parent.parent
+
+
+def _show(cm: Cm, *args: str) -> dict[str, Any]:
+    return dict(cm([*args, "config", "show", "--json"]).json())
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("file", "env", "flag", "expected", "source"),
+    [
+        (False, False, False, "{xdg_data}/campaign-manager/cm.db", "default"),
+        (True, False, False, "{tmp}/from-file.db", "file"),
+        (False, True, False, "{tmp}/from-env.db", "env CM_DATABASE_URL"),
+        (True, True, False, "{tmp}/from-env.db", "env CM_DATABASE_URL"),
+        (True, False, True, "{tmp}/from-flag.db", "flag"),
+        (True, True, True, "{tmp}/from-flag.db", "flag"),
+    ],
+)
+def test_precedence_file_then_env_then_flag(
+    cm_bare: Cm,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    file: bool,
+    env: bool,
+    flag: bool,
+    expected: str,
+    source: str,
+) -> None:
+    if file:
+        _write(tmp_path / "campaign.toml", '[database]\nurl = "from-file.db"\n[log]\nlevel = "info"\n')
+    if env:
+        monkeypatch.setenv("CM_DATABASE_URL", "from-env.db")
+        monkeypatch.setenv("CM_LOG_LEVEL", "error")
+    shown = _show(cm_bare, *(["--database", "from-flag.db"] if flag else []))
+    url = shown["settings"]["database.url"]
+    xdg = str(tmp_path / "xdg-data")
+    assert url["value"] == "sqlite:///" + expected.format(tmp=tmp_path, xdg_data=xdg)
+    assert url["source"].startswith(source)
+    # Keys without a flag still follow file < env.
+    level = shown["settings"]["log.level"]
+    assert level["value"] == ("error" if env else "info" if file else "warning")
+    # The database is really the one shown.
+    cm_bare([*(["--database", "from-flag.db"] if flag else []), "recipient", "create", "ada@example.com"])
+    assert Path(url["value"].removeprefix("sqlite:///")).is_file()
+
+
+@pytest.mark.parametrize("where", ["--config", "CM_CONFIG", "cwd", "xdg"])
+def test_where_the_config_file_is_found(
+    cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Every candidate exists; each case removes the ones that come before it in the search order.
+    candidates = {
+        "--config": _write(tmp_path / "explicit" / "a.toml", '[log]\nlevel = "debug"\n'),
+        "CM_CONFIG": _write(tmp_path / "env" / "b.toml", '[log]\nlevel = "info"\n'),
+        "cwd": _write(tmp_path / "campaign.toml", '[log]\nlevel = "error"\n'),
+        "xdg": _write(tmp_path / "xdg-config" / "campaign-manager" / "campaign.toml", '[log]\nlevel = "warning"\n'),
+    }
+    order = list(candidates)
+    for earlier in order[: order.index(where)]:
+        if earlier != "--config":
+            candidates[earlier].unlink()
+    if order.index(where) <= order.index("CM_CONFIG"):
+        monkeypatch.setenv("CM_CONFIG", str(candidates["CM_CONFIG"]))
+    args = ["--config", str(candidates["--config"])] if where == "--config" else []
+    shown = _show(cm_bare, *args)
+    assert shown["config_file"] == str(candidates[where].resolve())
+    assert shown["settings"]["log.level"]["source"] == f"file {candidates[where].resolve()}"
+    assert shown["settings"]["log.level"]["value"] == tomllib.loads(candidates[where].read_text())["log"]["level"]
+
+
+def test_no_config_file_at_all(cm_bare: Cm) -> None:
+    shown = _show(cm_bare)
+    assert shown["config_file"] is None
+    assert {s["source"] for s in shown["settings"].values()} <= {"default", "default (beside the database)"}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("data/cm.db", "{conf}/data/cm.db"),
+        ("sqlite:///data/cm.db", "{conf}/data/cm.db"),
+        ("../up.db", "{tmp}/up.db"),
+        ("sqlite:///{tmp}/absolute.db", "{tmp}/absolute.db"),
+    ],
+)
+def test_relative_sqlite_path_in_a_file_is_relative_to_the_file(
+    cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, expected: str
+) -> None:
+    conf = tmp_path / "conf"
+    path = _write(conf / "campaign.toml", f'[database]\nurl = "{url.format(tmp=tmp_path)}"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cm_bare(["--config", str(path), "recipient", "create", "ada@example.com"])
+    db_file = Path(expected.format(conf=conf, tmp=tmp_path))
+    assert db_file.is_file()
+    assert _show(cm_bare, "--config", str(path))["settings"]["database.url"]["value"] == f"sqlite:///{db_file}"
+    assert not list(elsewhere.iterdir())
+
+
+def test_relative_paths_from_env_and_flags_are_relative_to_the_working_directory(
+    cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CM_DATABASE_URL", "env.db")
+    assert _show(cm_bare)["settings"]["database.url"]["value"] == f"sqlite:///{tmp_path / 'env.db'}"
+    shown = _show(cm_bare, "--database", "sub/flag.db")
+    assert shown["settings"]["database.url"]["value"] == f"sqlite:///{tmp_path / 'sub' / 'flag.db'}"
+
+
+def test_the_default_database_lives_under_xdg_data_home(cm_bare: Cm, tmp_path: Path) -> None:
+    cm_bare("group create news")
+    assert (tmp_path / "xdg-data" / "campaign-manager" / "cm.db").is_file()
+    assert [g["name"] for g in cm_bare("group list --json").json()] == ["news"]
+
+
+def test_init_writes_a_starter_file_and_will_not_overwrite_it(cm_bare: Cm, tmp_path: Path) -> None:
+    target = tmp_path / "campaign.toml"
+    run = cm_bare("init")
+    assert f"wrote {target}" in run.stderr
+    assert target.read_text(encoding="utf-8") == config.render_example()
+    target.write_text('[log]\nlevel = "info"\n', encoding="utf-8")
+    assert_error(cm_bare("init", ok=False), 4, "already exists", "--force")
+    assert target.read_text(encoding="utf-8") == '[log]\nlevel = "info"\n'
+    cm_bare("init --force")
+    assert target.read_text(encoding="utf-8") == config.render_example()
+    # The starter is picked up (it is ./campaign.toml) and, all commented out, changes nothing.
+    shown = _show(cm_bare)
+    assert shown["config_file"] == str(target)
+    assert {s["source"] for s in shown["settings"].values()} <= {"default", "default (beside the database)"}
+
+
+def test_config_show_masks_secrets(cm_bare: Cm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CM_DATABASE_URL", "postgresql://cm:s3cr%40t@db.example.com:5432/cm")
+    shown = cm_bare("config show --json")
+    assert "s3cr" not in shown.stdout
+    settings = shown.json()["settings"]
+    assert settings["database.url"] == {
+        "value": "postgresql://cm:********@db.example.com:5432/cm",
+        "source": "env CM_DATABASE_URL",
+    }
+    assert settings["queue.url"]["value"] == "postgresql://cm:********@db.example.com:5432/cm"
+    table = cm_bare("config show")
+    assert "s3cr" not in table.stdout and "********" in table.stdout
+    assert "config file: none" in table.stderr
+
+
+# A valid value, other than the default, for every key.
+KEY_VALUES: dict[str, Any] = {
+    "database.url": "postgresql://u:p@h/d",
+    "queue.url": "redis://localhost:6379/1",
+    "queue.name": "cm-test",
+    "worker.workers": 4,
+    "worker.retries": 0,
+    "worker.retry_delay": 1.5,
+    "worker.retry_backoff": 3.0,
+    "worker.lease_seconds": 30.0,
+    "log.level": "debug",
+    "log.format": "json",
+}
+
+
+def test_every_key_has_a_test_value() -> None:
+    assert set(KEY_VALUES) == set(config.KEYS)
+
+
+@pytest.mark.parametrize(("key", "value"), KEY_VALUES.items())
+def test_every_key_from_file_and_env(
+    cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, value: Any
+) -> None:
+    env_name = config.KEYS[key][2]
+    table, name = key.split(".")
+    toml_value = f'"{value}"' if isinstance(value, str) else repr(value)
+    _write(tmp_path / "campaign.toml", f"[{table}]\n{name} = {toml_value}\n")
+    from_file = _show(cm_bare)["settings"][key]
+    assert from_file["value"] == config.mask(key, value)
+    assert from_file["source"].startswith("file ")
+    monkeypatch.setenv(env_name, str(value))
+    from_env = _show(cm_bare)["settings"][key]
+    assert from_env == {"value": config.mask(key, value), "source": f"env {env_name}"}
+
+
+@pytest.mark.parametrize(
+    ("file_text", "env", "message"),
+    [
+        ("[database\nurl = 1\n", {}, "not valid TOML"),
+        ("[databse]\nurl = 'x.db'\n", {}, "unknown key 'databse.url'"),
+        ("[database]\nurl = 3\n", {}, "database.url"),
+        ("[worker]\nretries = 'many'\n", {}, "worker.retries"),
+        ("[worker]\nretries = true\n", {}, "worker.retries"),
+        ("[log]\nformat = 'xml'\n", {}, "log.format"),
+        ("[log]\nlevel = 'loud'\n", {}, "log.level"),
+        ("", {"CM_WORKER_WORKERS": "two"}, "CM_WORKER_WORKERS"),
+        ("", {"CM_LOG_FORMAT": "yaml"}, "log.format"),
+        ("", {"CM_CONFIG": "missing.toml"}, "config file not found"),
+    ],
+)
+def test_bad_configuration(
+    cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_text: str, env: dict[str, str], message: str
+) -> None:
+    if file_text:
+        _write(tmp_path / "campaign.toml", file_text)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for command in ("config show", "recipient list", "group create news"):
+        assert_error(cm_bare(command, ok=False), 7, message)
+    assert not (tmp_path / "xdg-data").exists()  # nothing was created
+
+
+def test_missing_config_flag_file(cm_bare: Cm, tmp_path: Path) -> None:
+    assert_error(cm_bare("--config nope.toml recipient list", ok=False), 7, "config file not found", "nope.toml")
+    _write(tmp_path / "undecodable.toml", "").write_bytes(b"\xff\xfe[log]")
+    assert_error(cm_bare("--config undecodable.toml config show", ok=False), 7, "cannot read config file")
+
+
+def test_example_file_is_rendered_from_keys() -> None:
+    example = (ROOT / "campaign.toml.example").read_text(encoding="utf-8")
+    assert example == config.render_example(), "run: python -c 'from campaign_manager.config import ...'"
+    for key, (_default, _kind, env, _help) in config.KEYS.items():
+        assert f"(env {env})" in example and f"# {key.split('.', 1)[1]} = " in example
+
+
+def test_example_file_uncommented_is_valid_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "# key = value" lines become "key = value": the documented values must themselves be valid settings.
+    text = re.sub(r"^# (\w+ = )", r"\1", config.render_example(), flags=re.MULTILINE)
+    path = _write(tmp_path / "conf" / "campaign.toml", text)
+    settings = config.load_settings(str(path))
+    assert settings.database_url == f"sqlite:///{tmp_path / 'conf' / 'cm.db'}"
+    assert settings.queue_url == f"sqlite:///{tmp_path / 'conf' / 'cm-queue.db'}"
+    for key, (default, *_rest) in config.KEYS.items():
+        if default is not None:
+            assert settings.get(key) == default
+            assert settings.sources[key] == f"file {path}"
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for key, (_default, _kind, env, _help) in config.KEYS.items():
+        assert f"| `{key}` | `{env}` |" in readme, f"{key} is missing from the README's table"

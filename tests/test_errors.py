@@ -1,0 +1,155 @@
+"""Bad input: one `error:` line on stderr, the documented exit code, no traceback, and nothing changed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaign_manager import errors
+from conftest import Run, assert_error, make_cm
+
+Cm = Callable[..., Run]
+
+
+def _snapshot(cm: Cm) -> tuple[Any, ...]:
+    return tuple(cm(f"{noun} list --json").json() for noun in ("recipient", "group", "campaign"))
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code", "message"),
+    [
+        ("recipient create not-an-email", errors.InvalidInput.exit_code, "@-sign"),
+        ("recipient create ada@example", errors.InvalidInput.exit_code, "period"),
+        ("recipient create new@example.com --group news --group nope", errors.NotFound.exit_code, "no group 'nope'"),
+        ("recipient create new@example.com --attr city", errors.InvalidInput.exit_code, "malformed --attr 'city'"),
+        ("recipient create new@example.com --attr =x", errors.InvalidInput.exit_code, "KEY=VALUE"),
+        ("recipient create new@example.com --phone call-me", errors.InvalidInput.exit_code, "phone"),
+        ("recipient create ada@example.com", errors.Conflict.exit_code, "already exists"),
+        ("recipient update ada@example.com --name X --attr nokey", errors.InvalidInput.exit_code, "malformed --attr"),
+        ("recipient update ada@example.com --name X --add-group nope", errors.NotFound.exit_code, "no group"),
+        ("recipient update ada@example.com --name X --remove-group nope", errors.NotFound.exit_code, "no group"),
+        ("recipient update nobody@example.com --name X", errors.NotFound.exit_code, "no recipient"),
+        ("recipient show 999", errors.NotFound.exit_code, "no recipient '999'"),
+        ("recipient show nobody@example.com", errors.NotFound.exit_code, "no recipient"),
+        ("recipient list --active --opted-out", errors.InvalidInput.exit_code, "exclude each other"),
+        ("recipient list --group nope", errors.NotFound.exit_code, "no group"),
+        ("recipient list --limit -1", errors.InvalidInput.exit_code, "negative"),
+        ("recipient opt-out not-an-email", errors.InvalidInput.exit_code, "@-sign"),
+        ("recipient opt-in nobody@example.com", errors.NotFound.exit_code, "no recipient"),
+        ("recipient forget nobody@example.com", errors.NotFound.exit_code, "no recipient"),
+        ("recipient export 999", errors.NotFound.exit_code, "no recipient"),
+        ("group create news", errors.Conflict.exit_code, "already exists"),
+        ("group create 123", errors.InvalidInput.exit_code, "digits"),
+        ("group create ' '", errors.InvalidInput.exit_code, "empty"),
+        ("group update vip --name news", errors.Conflict.exit_code, "already exists"),
+        ("group update nope --description x", errors.NotFound.exit_code, "no group"),
+        ("group delete nope", errors.NotFound.exit_code, "no group"),
+        ("group show 999", errors.NotFound.exit_code, "no group '999'"),
+        ("group add-recipients nope --email new@example.com", errors.NotFound.exit_code, "no group"),
+        ("group add-recipients news", errors.InvalidInput.exit_code, "--email"),
+        ("group remove-recipients nope --email ada@example.com", errors.NotFound.exit_code, "no group"),
+        ("group recipients nope", errors.NotFound.exit_code, "no group"),
+        ("campaign create --title t --subject s --text-file missing.txt", errors.InvalidInput.exit_code, "missing.txt"),
+        ("campaign create --title t --subject s --text x --html-file gone.html", errors.InvalidInput.exit_code, "gone"),
+        ("campaign create --title t --subject s --text-file .", errors.InvalidInput.exit_code, "--text-file"),
+        ("campaign create --title t --subject s --text-file latin1.txt", errors.InvalidInput.exit_code, "UTF-8"),
+        ("campaign create --title t --subject s", errors.InvalidInput.exit_code, "exactly one of"),
+        ("campaign create --title t --subject s --text x --text-file b.txt", errors.InvalidInput.exit_code, "one of"),
+        ("campaign create --title t --subject s --text ' '", errors.InvalidInput.exit_code, "empty"),
+        ("campaign create --title ' ' --subject s --text x", errors.InvalidInput.exit_code, "non-empty"),
+        ("campaign create --title t --subject $'a\\nb' --text x", errors.InvalidInput.exit_code, "one line"),
+        ("campaign create --title t --subject s --text x --from nope", errors.InvalidInput.exit_code, "@-sign"),
+        ("campaign create --title t --subject s --text x --group news --group nope", errors.NotFound.exit_code, "nope"),
+        ("campaign create --title t --subject s --text x --recipient nobody@example.com", 3, "no recipient"),
+        ("campaign show 999", errors.NotFound.exit_code, "no campaign '999'"),
+        ("campaign show first", errors.NotFound.exit_code, "no campaign"),
+    ],
+)
+def test_bad_input_changes_nothing(cm: Cm, tmp_path: Path, command: str, exit_code: int, message: str) -> None:
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "b.txt").write_text("body", encoding="utf-8")
+    cm("group create news")
+    cm("group create vip")
+    cm("recipient create ada@example.com --name Ada --group news")
+    cm("campaign create --title first --subject s --text x --group news")
+    before = _snapshot(cm)
+    argv = command.replace("$'a\\nb'", "'a\nb'")
+    assert_error(cm(argv, ok=False), exit_code, message)
+    assert _snapshot(cm) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recipient", "list", "--limit", "many"],
+        ["recipient", "create"],
+        ["recipient", "frobnicate"],
+        ["campaign", "create", "--text", "x"],
+        ["--no-such-option", "recipient", "list"],
+    ],
+)
+def test_usage_errors_exit_2_without_a_traceback(cm: Cm, args: list[str]) -> None:
+    run = cm(args, ok=False)
+    assert run.exit_code == 2
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    assert "Error" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["recipient list", "recipient create a@example.com", "group create news", "db status", "db upgrade"],
+)
+def test_unreachable_postgresql(command: str) -> None:
+    # Port 1 on localhost: nothing listens there, so the connection is refused at once.
+    cm = make_cm("postgresql://cm:s3cret@127.0.0.1:1/cm")
+    run = cm(command, ok=False)
+    assert_error(run, errors.DatabaseError.exit_code, "cannot open database", "127.0.0.1:1", "refused")
+    assert "s3cret" not in run.stderr  # the password is masked
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "missing-dir-in-proc", "unsupported-url"])
+@pytest.mark.parametrize("command", ["recipient list", "group create news", "db status", "db upgrade"])
+def test_unusable_database_location(tmp_path: Path, where: str, command: str) -> None:
+    (tmp_path / "plain-file").write_text("not a folder")
+    url = {
+        "under-a-file": str(tmp_path / "plain-file" / "cm.db"),
+        "missing-dir-in-proc": "/proc/no-such-dir/cm.db",
+        "unsupported-url": "mysql://localhost/cm",
+    }[where]
+    run = make_cm(url)(command, ok=False)
+    assert_error(run, errors.DatabaseError.exit_code)
+
+
+def test_the_exit_codes_are_the_documented_ones() -> None:
+    documented = {
+        "CmError": 1,
+        "InvalidInput": 2,
+        "NotFound": 3,
+        "Conflict": 4,
+        "ConsentError": 5,
+        "DatabaseError": 6,
+        "ConfigError": 7,
+        "QueueError": 8,
+        "JobFailed": 9,
+    }
+    assert {name: getattr(errors, name).exit_code for name in documented} == documented
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for name, code in [*documented.items(), ("internal error", 70)]:
+        assert f"| {code} |" in readme, f"exit code {code} ({name}) is not in the README's table"
+
+
+def test_an_unexpected_error_is_one_line_and_exit_70(cm: Cm, monkeypatch: pytest.MonkeyPatch) -> None:
+    from campaign_manager.services import groups
+
+    def broken(*_args: object, **_kwargs: object) -> list[object]:
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(groups, "list_groups", broken)
+    run = cm("group list", ok=False)
+    assert run.exit_code == 70
+    assert run.stderr.strip() == "internal error: RuntimeError: something broke (run with -v for details)"
+    verbose = cm("-v group list", ok=False)
+    assert verbose.exit_code == 70 and "Traceback" in verbose.stderr  # only when asked for

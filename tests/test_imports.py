@@ -1,0 +1,212 @@
+"""CSV imports: the file shapes people really have, what happens to every row, and refusals before queueing."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from campaign_manager.services import imports, jobs
+from conftest import Run
+
+GOOD = "ada@example.com"
+
+
+def _write(tmp_path: Path, content: str | bytes, name: str = "people.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def _import(cm: Callable[..., Run], path: Path | str, *extra: str, group: str = "news") -> dict[str, int]:
+    run = cm(["group", "add-recipients", group, "--csv", str(path), "--wait", "--json", *extra])
+    data = run.json()
+    assert data["status"] == "done", data
+    return dict(data["counts"])
+
+
+@pytest.fixture
+def news(cm: Callable[..., Run]) -> Callable[..., Run]:
+    cm("group create news")
+    return cm
+
+
+@pytest.mark.parametrize(
+    ("content", "extra"),
+    [
+        pytest.param("email,name\nada@example.com,Ada\nbob@example.com,Bob\n", (), id="plain"),
+        pytest.param("\ufeffEmail;Name\r\nada@example.com;Ada\r\nbob@example.com;Bob\r\n", (), id="bom-crlf-semicolon"),
+        pytest.param("E-mail\tName\nada@example.com\tAda\nbob@example.com\tBob\n", (), id="tab-e-mail"),
+        pytest.param("Email Address|name\nada@example.com|Ada\n\n\nbob@example.com|Bob\n", (), id="pipe-blank-lines"),
+        pytest.param(
+            'name,Primary Email\n"Lovelace, Ada",ada@example.com\n"Bob\nthe builder",bob@example.com\n',
+            (),
+            id="quoted-delimiter-and-newline",
+        ),
+        pytest.param("who,addr\nAda,ada@example.com\nBob,bob@example.com\n", ("--email-column", "addr"), id="column"),
+        pytest.param(
+            "email;name\nada@example.com;Ada\nbob@example.com;Bob\n", ("--delimiter", ";"), id="explicit-delimiter"
+        ),
+    ],
+)
+def test_csv_shapes(news: Callable[..., Run], tmp_path: Path, content: str, extra: tuple[str, ...]) -> None:
+    counts = _import(news, _write(tmp_path, content), *extra)
+    assert counts["read"] == 2 and counts["created"] == 2 and counts["added"] == 2 and counts["invalid"] == 0
+    members = news("group recipients news --json").json()
+    assert sorted(m["email"] for m in members) == ["ada@example.com", "bob@example.com"]
+
+
+def test_latin1_with_encoding(news: Callable[..., Run], tmp_path: Path) -> None:
+    path = _write(tmp_path, "email,name,city\nzoe@example.com,Zoé,Besançon\n".encode("latin-1"))
+    news(["group", "add-recipients", "news", "--csv", str(path)], ok=False)  # not UTF-8: refused
+    assert news("jobs list --json").json() == []
+    counts = _import(news, path, "--encoding", "latin-1")
+    assert counts["created"] == 1
+    person = news("recipient show zoe@example.com --json").json()
+    assert person["name"] == "Zoé" and person["attributes"] == {"city": "Besançon"}
+
+
+def test_every_row_accounted_for(news: Callable[..., Run], tmp_path: Path) -> None:
+    news("recipient create old@example.com --name Old --attr plan=free")
+    news("recipient create gone@example.com")
+    news("recipient forget gone@example.com")
+    news("recipient opt-out out@example.com")
+    news("group add-recipients news --email member@example.com")
+    rows = [
+        "email,name,plan,city",
+        "new@example.com,New,pro,Paris",  # 2 created
+        "NEW@example.com,Dup,free,Rome",  # 3 duplicate (case)
+        "not-an-email,X,pro,",  # 4 invalid
+        "old@example.com,Renamed,pro,",  # 5 existing: added, stored data kept
+        "gone@example.com,G,pro,",  # 6 forgotten: suppressed
+        "out@example.com,O,pro,",  # 7 opted out: suppressed
+        "member@example.com,M,pro,",  # 8 already in the group
+        ",nobody,pro,",  # 9 invalid (empty)
+        "short@example.com",  # 10 short row: still fine
+    ]
+    counts = _import(news, _write(tmp_path, "\n".join(rows) + "\n"))
+    assert counts == {
+        "read": 9,
+        "created": 2,
+        "updated": 0,
+        "added": 3,
+        "already_member": 1,
+        "duplicates": 1,
+        "invalid": 2,
+        "suppressed": 2,
+    }
+    new = news("recipient show new@example.com --json").json()
+    assert new["name"] == "New" and new["attributes"] == {"plan": "pro", "city": "Paris"}  # the first line wins
+    old = news("recipient show old@example.com --json").json()
+    assert old["name"] == "Old" and old["attributes"] == {"plan": "free"}  # kept without --update-existing
+    out = news("recipient show out@example.com --json").json()
+    assert out["status"] == "opted_out" and out["groups"] == []
+    assert news("recipient show gone@example.com", ok=False).exit_code == 3
+
+    job_id = news("jobs list --json").json()[0]["id"]
+    rejects = news(f"jobs show {job_id} --rejects").stdout
+    assert "line" in rejects and "4" in rejects and "not-an-email" in rejects and "9" in rejects
+    target = tmp_path / "rejects.csv"
+    news(f"jobs show {job_id} --rejects-file {target}")
+    fixed = list(csv.reader(io.StringIO(target.read_text())))
+    assert fixed == [["email", "name", "plan", "city"], ["not-an-email", "X", "pro", ""], ["", "nobody", "pro", ""]]
+
+
+def test_update_existing(news: Callable[..., Run], tmp_path: Path) -> None:
+    news("recipient create old@example.com --name Old --attr plan=free --attr keep=yes")
+    path = _write(tmp_path, "email,name,plan\nold@example.com,New Name,pro\nOLD@example.com,Second,x\n")
+    counts = _import(news, path, "--update-existing")
+    assert counts["updated"] == 1 and counts["created"] == 0 and counts["duplicates"] == 1
+    old = news("recipient show old@example.com --json").json()
+    assert old["name"] == "New Name" and old["attributes"] == {"plan": "pro", "keep": "yes"}
+    assert _import(news, path, "--update-existing")["updated"] == 0  # nothing left to change
+
+
+def test_campaign_recipients_csv(cm: Callable[..., Run], tmp_path: Path) -> None:
+    cm("recipient opt-out out@example.com")
+    path = _write(tmp_path, "email\nada@example.com\nbob@example.com\nout@example.com\nnope\n")
+    run = cm(f"campaign create --title T --subject S --text hi --wait --json --recipients-csv {path}")
+    assert run.json()["counts"]["added"] == 2 and run.json()["counts"]["suppressed"] == 1
+    campaign = cm("campaign list --json").json()[0]
+    assert campaign["audience"] == 2
+
+
+def test_stdin(news: Callable[..., Run]) -> None:
+    run = news("group add-recipients news --csv - --wait --json", input="email\nada@example.com\n")
+    assert run.json()["counts"]["created"] == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(None, "file not found", id="missing"),
+        pytest.param(b"", "empty", id="empty"),
+        pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a csv", id="binary"),
+        pytest.param(b"name,city\nAda,London\n", "no email column", id="no-email-column"),
+        pytest.param(b"email\nada@example.com\n\xff\xfe broken\n", "not valid utf-8", id="undecodable"),
+    ],
+)
+def test_refused_before_queueing(news: Callable[..., Run], tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "in.csv" if content is None else _write(tmp_path, content)
+    run = news(["group", "add-recipients", "news", "--csv", str(path)], ok=False)
+    assert run.exit_code == 2
+    assert message in run.stderr.lower() and run.stderr.startswith("error:") and "Traceback" not in run.stderr
+    assert news("jobs list --json").json() == []
+
+
+def test_unknown_group_refused(news: Callable[..., Run], tmp_path: Path) -> None:
+    run = news(["group", "add-recipients", "nope", "--csv", str(_write(tmp_path, "email\na@example.com\n"))], ok=False)
+    assert run.exit_code == 3 and news("jobs list --json").json() == []
+
+
+def test_file_not_needed_after_queueing_and_rerun_is_idempotent(
+    news: Callable[..., Run], db_url: str, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, "email,name\n" + "".join(f"p{i}@example.com,P{i}\n" for i in range(50)))
+    job_id = int(news(["group", "add-recipients", "news", "--csv", str(path)]).stdout.strip())
+    path.unlink()
+    first = imports.run_import_job(db_url, job_id)
+    assert first["created"] == 50
+    # A second run (a worker that died after committing, say) changes nothing and reports the same counts.
+    assert imports.run_import_job(db_url, job_id) == first
+    assert news("group show news --json").json()["members"] == 50
+
+
+def test_uncommitted_run_starts_over(news: Callable[..., Run], db_url: str, tmp_path: Path) -> None:
+    """A run that dies before its transaction commits leaves nothing behind: the next run does it all."""
+    path = _write(tmp_path, "email\n" + "".join(f"p{i}@example.com\n" for i in range(20_000)))
+    job_id = int(news(["group", "add-recipients", "news", "--csv", str(path)]).stdout.strip())
+
+    def die(done: int, total: int) -> None:
+        raise jobs.JobReleased
+
+    with pytest.raises(jobs.JobReleased):
+        imports.run_import_job(db_url, job_id, die)
+    assert news("group show news --json").json()["members"] == 0
+    assert imports.run_import_job(db_url, job_id)["created"] == 20_000
+
+
+def test_queued_import_through_the_worker(news: Callable[..., Run], tmp_path: Path) -> None:
+    """The real path: queue with --csv (returns at once), the real Huey queue, drained by the real worker."""
+    path = _write(tmp_path, "email,name\nada@example.com,Ada\nbad\nbob@example.com,Bob\n")
+    job_id = int(news(["group", "add-recipients", "news", "--csv", str(path)]).stdout.strip())
+    assert news(f"jobs show {job_id} --json").json()["status"] == "queued"
+    assert news("group show news --json").json()["members"] == 0
+    news("worker --drain")
+    job = news(f"jobs show {job_id} --json").json()
+    assert job["status"] == "done" and job["finished_at"] is not None and job["error"] is None
+    assert job["counts"]["created"] == 2 and job["counts"]["invalid"] == 1
+    assert news("group show news --json").json()["members"] == 2
+
+
+def test_reject_line_numbers_count_quoted_line_breaks(news: Callable[..., Run], tmp_path: Path) -> None:
+    content = (
+        'email,note\nada@example.com,"two\nlines"\n\nbad-one,x\nbob@example.com,"three\r\nline\rbreaks"\nbad-two,y\n'
+    )
+    _import(news, _write(tmp_path, content))
+    job_id = news("jobs list --json").json()[0]["id"]
+    rows = list(csv.reader(io.StringIO(news(f"jobs show {job_id} --rejects").stdout)))
+    assert [(r[0], r[2]) for r in rows[1:]] == [("5", "bad-one,x"), ("9", "bad-two,y")]
