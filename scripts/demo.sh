@@ -40,4 +40,18 @@ step campaign show 1
 step group add-recipients newsletter --email alan@example.com
 step recipient export alan@example.com
 
-# imports:
+# A CSV import through the queue: the command returns at once, the worker does the work.
+cat >people.csv <<'CSV'
+Email Address;Name;City
+katherine@example.com;Katherine Johnson;White Sulphur Springs
+dorothy@example.com;Dorothy Vaughan;Kansas City
+not-an-address;Nobody;Nowhere
+KATHERINE@example.com;Duplicate;Somewhere
+alan@example.com;Alan (opted out);London
+CSV
+step group add-recipients newsletter --csv people.csv
+step jobs list
+step worker --drain
+step jobs show 1
+step jobs show 1 --rejects
+step group show newsletter

@@ -8,6 +8,7 @@ across processes.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -234,16 +235,42 @@ def queue_setup(request: pytest.FixtureRequest, backend: str, tmp_path: Path) ->
         setup.close()
 
 
-def cm_process(setup: QueueSetup, *args: str, **options: Any) -> subprocess.Popen[str]:
+@dataclass
+class CmProcess:
+    """A `cm` subprocess. Its stderr goes to a file: a pipe nobody reads until the end would fill up with log
+    lines and block the worker."""
+
+    popen: subprocess.Popen[bytes]
+    err_path: Path
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float = 120) -> tuple[int, str]:
+        return self.popen.wait(timeout), self.stderr
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.popen.send_signal(sig)
+        return self.wait(60)
+
+    def kill(self) -> str:
+        self.popen.kill()
+        return self.wait()[1]
+
+
+def cm_process(setup: QueueSetup, *args: str, **options: Any) -> CmProcess:
     """The real `cm` in a subprocess, with the test kinds registered."""
-    return subprocess.Popen(
-        [sys.executable, str(HERE), "cm", *args],
-        env=setup.env(**options),
-        cwd=setup.tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    err_path = setup.tmp / f"cm-{uuid.uuid4().hex[:8]}.err"
+    with err_path.open("wb") as err:
+        popen = subprocess.Popen(
+            [sys.executable, str(HERE), "cm", *args],
+            env=setup.env(**options),
+            cwd=setup.tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    return CmProcess(popen, err_path)
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:
@@ -289,7 +316,6 @@ def _enqueue_main(count: int, threads: int, log: str) -> int:
 
 if __name__ == "__main__":
     import faulthandler
-    import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     register_kinds()

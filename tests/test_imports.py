@@ -210,3 +210,13 @@ def test_reject_line_numbers_count_quoted_line_breaks(news: Callable[..., Run], 
     job_id = news("jobs list --json").json()[0]["id"]
     rows = list(csv.reader(io.StringIO(news(f"jobs show {job_id} --rejects").stdout)))
     assert [(r[0], r[2]) for r in rows[1:]] == [("5", "bad-one,x"), ("9", "bad-two,y")]
+
+
+def test_forget_purges_rejected_rows_that_name_the_person(news: Callable[..., Run], tmp_path: Path) -> None:
+    news("recipient create ada@example.com")
+    _import(news, _write(tmp_path, "email,note\nada@example.com,ok\n<ADA@example.com>,typo\nbob,x\n"))
+    job_id = news("jobs list --json").json()[0]["id"]
+    assert "ADA@example.com" in news(f"jobs show {job_id} --rejects").stdout
+    news("recipient forget ada@example.com")
+    rejects = news(f"jobs show {job_id} --rejects").stdout
+    assert "ada@example.com" not in rejects.lower() and "bob" in rejects

@@ -6,7 +6,6 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,12 +24,6 @@ def qs_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueS
     yield from queue_setup(request, "sqlite", tmp_path)
 
 
-def _stop(proc: Any, sig: int = signal.SIGTERM) -> tuple[int, str]:
-    proc.send_signal(sig)
-    _out, err = proc.communicate(timeout=60)
-    return proc.returncode, err
-
-
 @pytest.mark.parametrize(
     ("sig", "grace", "seconds", "expected"),
     [
@@ -45,10 +38,9 @@ def test_signal_stops_worker_cleanly(qs: QueueSetup, sig: int, grace: str, secon
     try:
         wait_for(lambda: qs.runs(job_id) == 1, what="the worker to start the job")
     except AssertionError:
-        proc.kill()
-        raise AssertionError(proc.communicate()[1]) from None
+        raise AssertionError(proc.kill()) from None
 
-    code, err = _stop(proc, sig)
+    code, err = proc.stop(sig)
 
     assert code == 0, err
     assert f"job {job_id} (test-ok) started, attempt 1" in err
@@ -69,8 +61,7 @@ def test_signal_stops_worker_cleanly(qs: QueueSetup, sig: int, grace: str, secon
 def test_overlapping_drain_processes_never_run_a_job_twice(qs: QueueSetup) -> None:
     ids = [qs.queue("test-ok", sleep=0.01) for _ in range(30)]
     procs = [cm_process(qs, "worker", "--drain", "--workers", "2") for _ in range(3)]
-    results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
-    for code, err in results:
+    for code, err in [proc.wait() for proc in procs]:
         assert code == 0, err
     assert [qs.runs(job_id) for job_id in ids] == [1] * len(ids)
     assert {qs.job(job_id).status for job_id in ids} == {"done"}
@@ -83,7 +74,6 @@ def test_killed_worker_job_is_picked_up_by_the_next_drain(qs_sqlite: QueueSetup)
     proc = cm_process(qs, "worker")
     wait_for(lambda: qs.runs(job_id) == 1, what="the worker to start the job")
     proc.kill()  # no chance to release anything
-    proc.communicate()
     assert qs.job(job_id).status == "running"
     qs.update_args(job_id, sleep=0, steps=1)
 
@@ -136,7 +126,7 @@ def test_concurrent_enqueuers_with_a_worker_running(qs_sqlite: QueueSetup) -> No
 
         wait_for(all_done, timeout=120, what="the worker to finish every job")
     finally:
-        code, err = _stop(worker)
+        code, err = worker.stop()
     assert code == 0 and "locked" not in err, err
     assert [qs.runs(job_id) for job_id in sorted(ids)] == [1] * len(ids)
 
@@ -197,6 +187,6 @@ def test_long_running_worker_takes_jobs_queued_after_it_started(qs_sqlite: Queue
         job_id = qs_sqlite.queue("test-ok")
         wait_for(lambda: qs_sqlite.job(job_id).status == "done", what="the worker to run a new job")
     finally:
-        code, err = _stop(proc)
+        code, err = proc.stop()
     assert code == 0, err
     assert "worker" in err and "started: 1 thread(s)" in err and "stopped" in err

@@ -66,7 +66,8 @@ def _make_engine(url: str, *, write: bool) -> Engine:
         raise DatabaseError(f"unsupported database URL {display_url(url)!r}: use a SQLite path or postgresql://")
     log.debug("opening database %s", display_url(url))
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        # A running job holds up to three connections (its own, the staged file's reader, the lease heartbeat).
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
     path = sqlite_path(url)
     if path is not None:
@@ -74,7 +75,11 @@ def _make_engine(url: str, *, write: bool) -> Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatabaseError(f"cannot create the folder for {path}: {exc.strerror}") from None
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    # No pool limit for SQLite: opening a file is cheap, and a worker with several threads each running a job
+    # needs several connections at once (the default pool of 5 + 10 would make the eleventh wait).
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, poolclass=NullPool)
     begin_sql = "BEGIN IMMEDIATE" if write else "BEGIN"
 
     @event.listens_for(engine, "connect")

@@ -9,7 +9,11 @@ import typer
 
 from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
 
-app = typer.Typer(name="jobs", help="List, inspect and cancel background jobs.", no_args_is_help=True)
+app = typer.Typer(
+    name="jobs",
+    help="List, inspect and cancel background jobs.\n\nExample: cm jobs list --status failed",
+    no_args_is_help=True,
+)
 
 COLUMNS = ("id", "kind", "status", "attempts", "created_at", "finished_at", "summary", "error")
 FIELDS = ("id", "kind", "status", "attempts", "worker", "created_at", "started_at", "finished_at", "error")
@@ -115,6 +119,7 @@ def cancel(ctx: typer.Context, job_id: JobId, as_json: JsonOption = False) -> No
 def render_job(data: dict[str, Any]) -> None:
     """A job for a person: its fields, then its progress or counts, one per line."""
     from rich.console import Console
+    from rich.markup import escape
 
     print_record(data, fields=FIELDS)
     console = Console(soft_wrap=True, highlight=False)
@@ -128,7 +133,7 @@ def render_job(data: dict[str, Any]) -> None:
             console.print(f"  {COUNT_LABELS.get(key, key):<{width}}  {value}")
     args = {k: v for k, v in data["args"].items() if k != "layout"}  # an import's CSV layout is noise here
     if args:
-        console.print("[bold]arguments[/bold]: " + ", ".join(f"{k}={v}" for k, v in args.items()))
+        console.print("[bold]arguments[/bold]: " + escape(", ".join(f"{k}={v}" for k, v in args.items())))
 
 
 def _percent(progress: dict[str, Any]) -> str:
@@ -138,7 +143,7 @@ def _percent(progress: dict[str, Any]) -> str:
 
 def _summary(row: dict[str, Any]) -> str:
     if row["counts"]:
-        return ", ".join(f"{COUNT_LABELS.get(k, k)} {v}" for k, v in row["counts"].items())
+        return ", ".join(f"{key} {value}" for key, value in row["counts"].items())
     if row["status"] == "running" and row["progress"]:
         return _percent(row["progress"])
     return ""

@@ -11,10 +11,10 @@ from campaign_manager.cli._common import info, state
 if TYPE_CHECKING:
     from campaign_manager.queue import DrainReport
 
-app = typer.Typer(name="worker", invoke_without_command=True)
+app = typer.Typer(name="worker")
 
 
-@app.callback()
+@app.command()
 def worker(
     ctx: typer.Context,
     workers: Annotated[
@@ -25,14 +25,17 @@ def worker(
         float, typer.Option("--grace", min=0, help="Seconds running jobs get to finish after SIGTERM")
     ] = 30.0,
 ) -> None:
-    """Run queued jobs: a long-running worker, or with --drain everything due, then exit.
+    """Run queued jobs: a long-running worker, or with --drain everything that is due, then exit.
 
-    SIGTERM stops taking jobs and lets the running ones finish (for up to --grace seconds); SIGINT (Ctrl-C) does
-    not wait. A job still running then goes back to the queue for the next worker. Each job's start and end is
-    logged on stderr (-q: errors only).
+    Each job's start and end is logged on stderr (-q: errors only).
 
-    --drain exits 0 when every job it ran succeeded, 9 otherwise; a retry that is not yet due is left for a
-    later run. Overlapping drains never run a job twice.
+    SIGTERM stops taking jobs and gives the running ones --grace seconds to finish; SIGINT (Ctrl-C) does not wait.
+
+    A job still running then goes back to the queue for the next worker.
+
+    --drain exits 0 when every job it ran succeeded, 9 when one did not; retries not yet due are left for later.
+
+    Overlapping drains never run a job twice.
 
     Example: cm worker --workers 4
 

@@ -132,13 +132,17 @@ def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source
 
 def forget(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> str:
     """Erase a person: their row, memberships and audience links go (by cascade); their consent events lose the
-    link to them; a suppression entry keeps their address from coming back. Returns the hash kept."""
-    from campaign_manager.models import CampaignRecipient, GroupMember
+    link to them; rejected import rows that mention the address go too; a suppression entry keeps the address
+    from coming back. Returns the hash kept."""
+    from sqlalchemy import func
+
+    from campaign_manager.models import CampaignRecipient, GroupMember, ImportReject
 
     key = recipient.email_key
     digest = email_hash(key)
     session.exec(delete(GroupMember).where(col(GroupMember.recipient_id) == recipient.id))
     session.exec(delete(CampaignRecipient).where(col(CampaignRecipient.recipient_id) == recipient.id))
+    session.exec(delete(ImportReject).where(func.lower(col(ImportReject.raw)).contains(key, autoescape=True)))
     for event in session.exec(select(ConsentEvent).where(ConsentEvent.recipient_id == recipient.id)).all():
         event.recipient_id = None
     session.delete(recipient)

@@ -331,6 +331,7 @@ class _Backend:
             f" WHERE u.gone = 0 ORDER BY {order} ON CONFLICT (email_key) DO NOTHING",
             (now, now),
         ).rowcount
+        self.analyze("recipient")
         target = args["target"]
         if target["type"] == "group":
             link = (
@@ -376,6 +377,10 @@ class _Backend:
         "CASE WHEN u.normalized = 1 THEN u.email"
         " ELSE substr(u.email, 1, instr(u.email, '@')) || lower(substr(u.email, instr(u.email, '@') + 1)) END"
     )
+
+    def analyze(self, table: str) -> None:
+        """Refresh the planner's statistics after a bulk change (PostgreSQL would otherwise plan for the table as
+        it was: a nested loop over what it thinks is a handful of rows)."""
 
     def prepare(self) -> tuple[str, str]:
         """The table the apply step reads the staged rows from, and the order to read them in (the first line of
@@ -478,6 +483,13 @@ class _PostgresBackend(_Backend):
 
     def begin_apply(self) -> None:
         pass  # psycopg has been in one transaction since the first statement
+
+    def prepare(self) -> tuple[str, str]:
+        self.analyze("cm_stage")
+        return "cm_stage", "u.line"
+
+    def analyze(self, table: str) -> None:
+        self.sql(f"ANALYZE {table}")
 
     def update_existing(self, src: str, attrs: str, now: Any) -> int:
         new_name = "COALESCE(u.name, recipient.name)"

@@ -215,13 +215,13 @@ def _merge_progress(url: str, run: _Run) -> Any:
     `result` in its own transaction, and a read-modify-write here would undo them."""
     if run.done is None:
         return col(Job.result)
-    value = json.dumps({"done": run.done, "total": run.total})
+    value = {"done": run.done, "total": run.total}
     if is_sqlite(url):
-        return sa.func.json_set(col(Job.result), "$.progress", sa.func.json(value))
+        return sa.func.json_set(col(Job.result), "$.progress", sa.func.json(json.dumps(value)))
     from sqlalchemy.dialects.postgresql import JSONB
 
-    merged = sa.cast(col(Job.result), JSONB).op("||")(sa.func.jsonb_build_object("progress", sa.cast(value, JSONB)))
-    return sa.cast(merged, sa.JSON)
+    progress = sa.func.jsonb_build_object("progress", sa.literal(value, JSONB))
+    return sa.cast(sa.cast(col(Job.result), JSONB).op("||")(progress), sa.JSON)
 
 
 def _write(url: str, statement: Any) -> int:
@@ -307,8 +307,6 @@ def attempt_job(
         return Attempt(job, SKIPPED)
     with _active_lock:
         _active[job_id] = run
-    if on_start is not None:
-        on_start(job)
 
     def _progress(done: int, total: int) -> None:
         run.done, run.total = done, total
@@ -321,6 +319,8 @@ def attempt_job(
     beat.start()
     start = time.monotonic()
     try:
+        if on_start is not None:
+            on_start(job)
         counts = get_handler(job.kind)(url, job_id, _progress)
         values: dict[str, Any] = {"status": JOB_DONE, "counts": dict(counts or {}), "error": None}
         outcome = DONE
@@ -335,12 +335,18 @@ def attempt_job(
         else:
             suffix = f" (after {run.attempts} attempts)" if run.attempts > 1 else ""
             values, outcome = {"status": JOB_FAILED, "error": _error_text(exc) + suffix}, FAILED
-    except BaseException as exc:
+    except BaseException:
         # Ctrl-C in a `--wait` run: nothing will run this job again by itself, so say what happened to it.
         with run.lock:
             if not run.released:
-                _write(url, _fenced(run).values(status=JOB_FAILED, error="interrupted", finished_at=utcnow()))
-        raise exc
+                interrupted = {
+                    "status": JOB_FAILED,
+                    "error": "interrupted",
+                    "finished_at": utcnow(),
+                    "lease_until": None,
+                }
+                _write(url, _fenced(run).values(**interrupted))
+        raise
     finally:
         run.finished.set()
         with _active_lock:
