@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from campaign_manager import db
+from queue_helpers import BACKENDS, QueueSetup, queue_setup
 
 POSTGRES_URL = os.environ.get("CM_TEST_POSTGRES_URL")
 
@@ -154,3 +155,16 @@ def run_cm_process(args: list[str], *, env: dict[str, str], cwd: Path) -> subpro
     return subprocess.run(
         [str(CM_BIN), *args], env={**clean, **env}, cwd=cwd, capture_output=True, text=True, timeout=60
     )
+
+
+# The queue backends (SQLite, PostgreSQL, Redis) that test_queue_backends and test_worker run against.
+
+
+@pytest.fixture(params=BACKENDS)
+def qs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
+    yield from queue_setup(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def qs_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
+    yield from queue_setup(request, "sqlite", tmp_path)

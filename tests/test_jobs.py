@@ -8,8 +8,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import typer
-from typer.main import get_command
 
 from campaign_manager import db
 from campaign_manager.errors import CmError, InvalidInput, NotFound
@@ -85,17 +83,6 @@ def test_jobs_show_progress_of_a_running_job(db_url: str, cm: Callable[..., Run]
     job_id = make_job(db_url, status="running", result={"progress": {"done": 250, "total": 1000}})
     assert "progress: 25% (250 of 1000)" in cm(f"jobs show {job_id}").stdout
     assert cm(f"jobs show {job_id} --json").json()["progress"] == {"done": 250, "total": 1000}
-
-
-@pytest.mark.parametrize("noun", ["jobs", "worker"])
-def test_every_command_has_help_with_an_example(noun: str) -> None:
-    from importlib import import_module
-
-    command = get_command(import_module(f"campaign_manager.cli.{noun}").app)
-    commands = list(getattr(command, "commands", {}).values()) or [command]
-    for sub in commands:
-        assert sub.help and "Example: cm " in sub.help, sub.name
-        assert all(param.help for param in sub.params if isinstance(param, typer.core.TyperOption)), sub.name
 
 
 # -- the service ------------------------------------------------------------------------------------------------

@@ -16,17 +16,7 @@ from campaign_manager.config import load_settings
 from campaign_manager.errors import Conflict, QueueError
 from campaign_manager.models import Job, utcnow
 from campaign_manager.services import groups, jobs
-from queue_helpers import BACKENDS, QueueSetup, queue_setup
-
-
-@pytest.fixture(params=BACKENDS)
-def qs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
-    yield from queue_setup(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def qs_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
-    yield from queue_setup(request, "sqlite", tmp_path)
+from queue_helpers import QueueSetup, queue_setup
 
 
 def drain_until_settled(qs: QueueSetup, job_id: int, *, drains: int = 200) -> list[queue.DrainReport]:

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from campaign_manager import queue
 from conftest import Run, make_cm
-from queue_helpers import BACKENDS, QueueSetup, cm_process, queue_setup, wait_for
-
-
-@pytest.fixture(params=BACKENDS)
-def qs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
-    yield from queue_setup(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def qs_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
-    yield from queue_setup(request, "sqlite", tmp_path)
+from queue_helpers import QueueSetup, cm_process, wait_for
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -50,33 +46,9 @@ class State:
 
     def setup_logging(self, level_name: str | None = None, log_format: str | None = None) -> None:
         """Before the settings load, from the environment; again once they have (the file may say more)."""
-        level_name = level_name or os.environ.get("CM_LOG_LEVEL", "warning")
-        level = getattr(logging, level_name.upper(), logging.WARNING)
-        if self.verbose:
-            level = logging.DEBUG
-        elif self.quiet:
-            level = logging.ERROR
-        handler = logging.StreamHandler(sys.stderr)
-        if (log_format or os.environ.get("CM_LOG_FORMAT", "text")) == "json":
-            handler.setFormatter(_JsonFormatter())
-        else:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger("campaign_manager")
-        root.handlers[:] = [handler]
-        root.setLevel(level)
-        root.propagate = False
+        from campaign_manager.logs import setup_logging
 
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        return json.dumps(entry, default=str)
+        setup_logging(level_name, log_format, verbose=self.verbose, quiet=self.quiet)
 
 
 def state(ctx: typer.Context) -> State:
@@ -86,16 +58,22 @@ def state(ctx: typer.Context) -> State:
 
 
 def _json_default(value: Any) -> Any:
+    from datetime import date, datetime
+
     if isinstance(value, datetime | date):
         return value.isoformat()
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
 def print_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False) + "\n")
 
 
 def _cell(value: Any) -> str:
+    from datetime import datetime
+
     if value is None:
         return ""
     if isinstance(value, datetime):

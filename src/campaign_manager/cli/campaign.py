@@ -10,6 +10,7 @@ import typer
 from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
 from campaign_manager.cli._imports import Delimiter, EmailColumn, Encoding, UpdateExisting, Wait, run_import
 from campaign_manager.errors import InvalidInput
+from campaign_manager.files import read_text
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -21,17 +22,6 @@ app = typer.Typer(
 )
 
 COLUMNS = ("id", "title", "subject", "status", "audience")
-
-
-def _read(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidInput(f"{what}: file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise InvalidInput(f"{what} file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {what} file {path}: {exc.strerror}") from None
 
 
 @app.command("create")
@@ -69,8 +59,8 @@ def create(
 
     if (text is None) == (text_file is None):
         raise InvalidInput("give exactly one of --text and --text-file")
-    body = text if text is not None else _read(text_file, "--text-file")  # type: ignore[arg-type]
-    html = _read(html_file, "--html-file") if html_file is not None else None
+    body = text if text is not None else read_text(text_file, "--text-file")  # type: ignore[arg-type]
+    html = read_text(html_file, "--html-file") if html_file is not None else None
 
     def make(session: Session) -> Campaign:
         return campaigns.create_campaign(

@@ -26,6 +26,7 @@ from typing import IO, Any
 from sqlmodel import Session, col, select
 
 from campaign_manager.errors import InvalidInput, NotFound
+from campaign_manager.files import open_input
 from campaign_manager.models import ImportReject, Job, JobFile
 from campaign_manager.services import consent
 from campaign_manager.services.csvfile import (
@@ -52,17 +53,7 @@ Progress = Callable[[int, int], None]
 def _open_source(source: str, stdin: IO[bytes] | None) -> tuple[IO[bytes], str]:
     if source == "-":
         return (stdin or sys.stdin.buffer), "standard input"
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            raise InvalidInput(f"{path} is a folder, not a CSV file")
-        return path.open("rb"), str(path)
-    except FileNotFoundError:
-        raise InvalidInput(f"file not found: {path}") from None
-    except PermissionError:
-        raise InvalidInput(f"cannot read {path}: permission denied") from None
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    return open_input(source, "CSV file"), str(Path(source).expanduser())
 
 
 def stage_import(
@@ -387,10 +378,29 @@ class _Backend:
         each address must come first)."""
         return "cm_stage", "u.line"
 
+    # Dialect pieces of update_existing: the first staged row of each address that is already a recipient; the
+    # stored attributes with new ones merged in; a null-safe "differs" and the cast back to the column type.
+    first_rows = ""
+    merged_attrs = ""
+    differs = ""
+    to_json = ""
+
     def update_existing(self, src: str, attrs: str, now: Any) -> int:
         """--update-existing: overwrite stored names and attributes of active recipients already there (the
         first line of each address wins). Returns how many changed."""
-        raise NotImplementedError
+        columns = "".join(f", s.a{i}" for i in range(self.n_attrs))
+        first = self.first_rows.format(columns=columns, src=src)
+        new_name = "COALESCE(u.name, recipient.name)"
+        new_attrs = self.merged_attrs.format(attrs=attrs)
+        old_attrs = self.merged_attrs.format(attrs="'{}'")
+        return int(
+            self.sql(
+                f"UPDATE recipient SET name = {new_name}, attributes = {new_attrs}{self.to_json}, updated_at = ?"
+                f" FROM {first} u WHERE recipient.email_key = u.key AND recipient.status = 'active'"
+                f" AND (recipient.name {self.differs} {new_name} OR {old_attrs} {self.differs} {new_attrs})",
+                (now,),
+            ).rowcount
+        )
 
 
 class _SqliteBackend(_Backend):
@@ -441,23 +451,13 @@ class _SqliteBackend(_Backend):
         self.sql("CREATE TEMP TABLE cm_sorted AS SELECT * FROM cm_stage ORDER BY key, line")
         return "cm_sorted", "u.rowid"
 
-    def update_existing(self, src: str, attrs: str, now: Any) -> int:
-        new_name = "COALESCE(u.name, recipient.name)"
-        new_attrs = f"json_patch(recipient.attributes, {attrs})"
-        columns = "".join(f", s.a{i}" for i in range(self.n_attrs))
-        # SQLite takes bare columns from the row min() picked: the first line of each address.
-        first = (
-            f"(SELECT min(s.line) AS line, s.key, s.name{columns} FROM {src} s"
-            " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 GROUP BY s.key)"
-        )
-        return int(
-            self.sql(
-                f"UPDATE recipient SET name = {new_name}, attributes = {new_attrs}, updated_at = ?"
-                f" FROM {first} u WHERE recipient.email_key = u.key AND recipient.status = 'active'"
-                f" AND (recipient.name IS NOT {new_name} OR json(recipient.attributes) IS NOT {new_attrs})",
-                (now,),
-            ).rowcount
-        )
+    # SQLite takes bare columns from the row min() picked: the first line of each address.
+    first_rows = (
+        "(SELECT min(s.line) AS line, s.key, s.name{columns} FROM {src} s"
+        " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 GROUP BY s.key)"
+    )
+    merged_attrs = "json_patch(recipient.attributes, {attrs})"
+    differs = "IS NOT"
 
 
 class _PostgresBackend(_Backend):
@@ -491,23 +491,13 @@ class _PostgresBackend(_Backend):
     def analyze(self, table: str) -> None:
         self.sql(f"ANALYZE {table}")
 
-    def update_existing(self, src: str, attrs: str, now: Any) -> int:
-        new_name = "COALESCE(u.name, recipient.name)"
-        new_attrs = f"(recipient.attributes::jsonb || ({attrs})::jsonb)"
-        columns = "".join(f", s.a{i}" for i in range(self.n_attrs))
-        first = (
-            f"(SELECT DISTINCT ON (s.key) s.line, s.key, s.name{columns} FROM {src} s"
-            " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 ORDER BY s.key, s.line)"
-        )
-        return int(
-            self.sql(
-                f"UPDATE recipient SET name = {new_name}, attributes = {new_attrs}::json, updated_at = %s"
-                f" FROM {first} u WHERE recipient.email_key = u.key AND recipient.status = 'active'"
-                f" AND (recipient.name IS DISTINCT FROM {new_name}"
-                f" OR recipient.attributes::jsonb IS DISTINCT FROM {new_attrs})",
-                (now,),
-            ).rowcount
-        )
+    first_rows = (
+        "(SELECT DISTINCT ON (s.key) s.line, s.key, s.name{columns} FROM {src} s"
+        " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 ORDER BY s.key, s.line)"
+    )
+    merged_attrs = "(recipient.attributes::jsonb || ({attrs})::jsonb)"
+    differs = "IS DISTINCT FROM"
+    to_json = "::json"
 
 
 def _json(value: Any) -> dict[str, Any]:
