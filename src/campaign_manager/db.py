@@ -84,16 +84,10 @@ def _make_engine(url: str, *, write: bool) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let us issue BEGIN ourselves (pysqlite's own transaction handling defers it past the first write).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA synchronous = NORMAL")
-        cur.execute("PRAGMA foreign_keys = ON")
-        cur.close()
+        configure_sqlite(dbapi_conn)
         # SQLite's own lower() folds ASCII only; PostgreSQL's folds all of Unicode. Searches lowercase both
-        # sides, so give SQLite Python's lower() to make "ÉMILE" find "Émile" on both backends.
+        # sides, so give SQLite Python's lower() to make "ÉMILE" find "Émile" on both backends. (Bulk imports
+        # use a connection of their own without it: a Python call per row would hold the GIL.)
         dbapi_conn.create_function("lower", 1, _lower, deterministic=True)
 
     @event.listens_for(engine, "begin")
@@ -101,6 +95,30 @@ def _make_engine(url: str, *, write: bool) -> Engine:
         conn.exec_driver_sql(begin_sql)
 
     return engine
+
+
+def configure_sqlite(dbapi_conn: Any) -> None:
+    """The pragmas every SQLite connection of cm gets. isolation_level None lets us issue BEGIN ourselves
+    (pysqlite's own transaction handling defers it past the first write)."""
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.close()
+
+
+def connect_sqlite(url: str) -> Any:
+    """A plain sqlite3 connection with cm's pragmas, outside SQLAlchemy (for bulk work on a thread of its own)."""
+    import sqlite3
+
+    path = sqlite_path(url)
+    conn = sqlite3.connect(
+        str(path) if path else ":memory:", timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+    )
+    configure_sqlite(conn)
+    return conn
 
 
 def _lower(value: Any) -> Any:
