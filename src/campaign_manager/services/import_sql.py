@@ -28,11 +28,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Rows per segment: large enough that per-segment statements cost little, small enough that SQL work starts early
-# and overlaps the parsing of the rest.
-SEGMENT_ROWS = 50_000
-# Tasks the parsing side may queue ahead of the SQL thread: about a segment's worth of batches, so parsing goes
-# on while a segment is applied, with memory bounded (~20 MB of rows).
+# Rows per segment on PostgreSQL: large enough that per-segment statements cost little, small enough that the
+# server works while the rest is parsed (1,000,000 rows: 25.6 s with 200,000, 29.4 s with 50,000). SQLite applies
+# everything as one segment: with nothing to overlap, one sort of 1,000,000 rows beats twenty of 50,000 (7.8 s
+# against 9.0 s for the whole import).
+SEGMENT_ROWS = 200_000
+# Batches the parsing side may queue ahead of the SQL thread: memory stays bounded (~20 MB of rows).
 QUEUE_TASKS = 12
 
 
@@ -51,6 +52,7 @@ class Backend:
     failure surfaces on the next call)."""
 
     threaded = True
+    segmented = True
 
     param = "?"
     json_param = "?"
@@ -125,7 +127,7 @@ class Backend:
         if rows:
             self.submit(self._stage, rows)
             self.pending += len(rows)
-        if self.pending >= SEGMENT_ROWS:
+        if self.segmented and self.pending >= SEGMENT_ROWS:
             self.submit(self._apply_segment)
             self.pending = 0
 
@@ -327,8 +329,10 @@ class Backend:
 
 class SqliteBackend(Backend):
     # Staging rows binds every value under the GIL, so on SQLite a second thread only contends with the parsing
-    # one (measured: no faster, and twice the peak memory from per-thread malloc arenas). Run inline.
+    # one (measured: no faster, and twice the peak memory from per-thread malloc arenas). Run inline, and apply
+    # everything as one segment (see SEGMENT_ROWS).
     threaded = False
+    segmented = False
     normalized_email = (
         "CASE WHEN u.normalized = 1 THEN u.email"
         " ELSE substr(u.email, 1, instr(u.email, '@')) || lower(substr(u.email, instr(u.email, '@') + 1)) END"
