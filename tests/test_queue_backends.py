@@ -235,3 +235,19 @@ def test_unreachable_queue_fails_the_job_instead_of_stranding_it(qs_sqlite: Queu
         queue.enqueue_job(settings, job_id)
     job = qs_sqlite.job(job_id)
     assert job.status == "failed" and job.error is not None and job.error.startswith("could not be queued")
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(qs: QueueSetup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cm` died between committing the job and queueing its message: the next drain finds and runs the job."""
+    qs.options.update({"worker.retry_delay": 600.0})
+    job_id = qs.queue("test-ok", enqueue=False)
+    retried = qs.queue("test-fail", reason="later")
+    queue.drain(qs.settings())  # `retried` now waits in the schedule
+    assert qs.job(job_id).status == "queued" and qs.job(retried).status == "queued"
+    monkeypatch.setattr(queue, "ORPHAN_AFTER_S", 0.0)
+
+    report = queue.drain(qs.settings())
+
+    assert report.recovered.orphaned == [job_id] and report.outcomes == {job_id: "done"}
+    assert qs.job(job_id).status == "done" and qs.runs(job_id) == 1
+    assert qs.job(retried).status == "queued"  # its retry is scheduled: not an orphan

@@ -267,7 +267,24 @@ def recover_jobs(settings: Settings, huey: JobQueue) -> jobs.Recovery:
         log.warning("job %d: its worker stopped responding; back in the queue", job_id)
     for job_id in recovery.failed:
         log.warning("job %d: its worker stopped responding too many times; marked failed", job_id)
+    recovery.orphaned = _requeue_orphans(settings, huey)
     return recovery
+
+
+# A queued job with no message this long after it was created lost it: its `cm` died between committing the job
+# and queueing the message. (A message sent twice is harmless: the second finds the job taken and does nothing.)
+ORPHAN_AFTER_S = 10.0
+
+
+def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
+    waiting = {task.args[0] for task in [*huey.pending(), *huey.scheduled()] if task.args}
+    orphans = [
+        job_id for job_id in jobs.queued_jobs(settings.database_url, older_than=ORPHAN_AFTER_S) if job_id not in waiting
+    ]
+    for job_id in orphans:
+        _enqueue(huey, job_id)
+        log.warning("job %d: was queued without a message on the queue; sent one", job_id)
+    return orphans
 
 
 def release_jobs(settings: Settings, huey: JobQueue) -> list[int]:

@@ -81,6 +81,8 @@ def summarize(report: DrainReport) -> list[str]:
         lines.append("drain: no jobs were due")
     if report.recovered.requeued:
         lines.append(f"recovered from a stopped worker: {_ids(report.recovered.requeued)}")
+    if report.recovered.orphaned:
+        lines.append(f"queued again, their message was lost: {_ids(report.recovered.orphaned)}")
     if report.recovered.failed:
         lines.append(f"given up after their worker stopped too often: {_ids(report.recovered.failed)}")
     if report.waiting:

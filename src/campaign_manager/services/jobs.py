@@ -382,6 +382,17 @@ def _read(url: str, job_id: int) -> Job:
 class Recovery:
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    orphaned: list[int] = field(default_factory=list)  # queued jobs whose message never reached the queue
+
+
+def queued_jobs(url: str, *, older_than: float) -> list[int]:
+    """Jobs that have been `queued` since more than `older_than` seconds ago."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with open_session(url, write=False) as session:
+        rows = session.exec(
+            select(Job.id).where(col(Job.status) == JOB_QUEUED, col(Job.created_at) < cutoff).order_by(col(Job.id))
+        ).all()
+    return [job_id for job_id in rows if job_id is not None]
 
 
 def recover_stale_jobs(
