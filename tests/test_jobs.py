@@ -41,7 +41,8 @@ def read_job(url: str, job_id: int) -> Job:
 
 
 def test_jobs_list_show_cancel(db_url: str, cm: Callable[..., Run]) -> None:
-    done = make_job(db_url, status="done", counts={"read": 10, "created": 7, "invalid": 1}, finished_at=utcnow())
+    counts = {"read": 10, "created": 7, "updated": 0, "invalid": 1}
+    done = make_job(db_url, status="done", counts=counts, finished_at=utcnow())
     queued = make_job(db_url)
 
     listed = cm("jobs list --json").json()
@@ -49,10 +50,10 @@ def test_jobs_list_show_cancel(db_url: str, cm: Callable[..., Run]) -> None:
     assert set(listed[0]) >= {"id", "kind", "status", "created_at", "finished_at", "error", "counts", "attempts"}
     assert [job["id"] for job in cm("jobs list --status done --json").json()] == [done]
     table = cm("jobs list").stdout
-    assert "summary" in table and "created" in table
+    assert "summary" in table and "created 7" in table and "updated" not in table  # zero counts are left out
 
     shown = cm(f"jobs show {done} --json").json()
-    assert shown["counts"] == {"read": 10, "created": 7, "invalid": 1} and shown["status"] == "done"
+    assert shown["counts"] == counts and shown["status"] == "done"
     text = cm(f"jobs show {done}").stdout
     assert "rows read" in text and "invalid" in text and "status: done" in text
 
