@@ -41,7 +41,6 @@ def segments(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if request.param == "many-segments":
         monkeypatch.setattr(import_sql, "SEGMENT_ROWS", 2)
         # SQLite, too, in segments and on a thread, as PostgreSQL runs
-        monkeypatch.setattr(import_sql.SqliteBackend, "segmented", True)
         monkeypatch.setattr(import_sql.SqliteBackend, "threaded", True)
         monkeypatch.setattr(imports, "BATCH_ROWS", 1)
 

@@ -114,9 +114,9 @@ def connect_sqlite(url: str) -> Any:
     import sqlite3
 
     path = sqlite_path(url)
-    conn = sqlite3.connect(
-        str(path) if path else ":memory:", timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-    )
+    if path is None:
+        raise DatabaseError("an in-memory SQLite database cannot be shared with another connection")
+    conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     configure_sqlite(conn)
     return conn
 

@@ -277,10 +277,11 @@ ORPHAN_AFTER_S = 10.0
 
 
 def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
+    candidates = jobs.queued_jobs(settings.database_url, older_than=ORPHAN_AFTER_S)
+    if not candidates:
+        return []  # the usual case: no need to read (and unpickle) every message on the queue
     waiting = {task.args[0] for task in [*huey.pending(), *huey.scheduled()] if task.args}
-    orphans = [
-        job_id for job_id in jobs.queued_jobs(settings.database_url, older_than=ORPHAN_AFTER_S) if job_id not in waiting
-    ]
+    orphans = [job_id for job_id in candidates if job_id not in waiting]
     for job_id in orphans:
         _enqueue(huey, job_id)
         log.warning("job %d: was queued without a message on the queue; sent one", job_id)

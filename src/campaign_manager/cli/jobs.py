@@ -144,6 +144,7 @@ def _percent(progress: dict[str, Any]) -> str:
 def _summary(row: dict[str, Any]) -> str:
     if row["counts"]:
         # Only what happened: a table of "updated 0, already_member 0, ..." wraps and hides the point.
+        # Short keys, not the labels of `jobs show`: the column stays narrow enough not to wrap mid-figure.
         return ", ".join(f"{key} {value}" for key, value in row["counts"].items() if value) or "nothing"
     if row["status"] == "running" and row["progress"]:
         return _percent(row["progress"])

@@ -49,15 +49,14 @@ def _quote(text: str) -> str:
 class Backend:
     """Stage and apply one import job's rows. The public methods are called from the job's thread; with
     `threaded`, they hand the work to the SQL thread, where `run` waits for an answer and `submit` does not (a
-    failure surfaces on the next call)."""
+    failure surfaces on the next call), and the rows are applied in segments so that the two overlap."""
 
     threaded = True
-    segmented = True
 
     param = "?"
     json_param = "?"
-    # A plain (ASCII) address is staged as written; email-validator's normalization of it is the domain lowercased.
-    normalized_email = ""
+    # The SQL function that finds a substring (SQLite instr, PostgreSQL strpos).
+    find = "instr"
     # update_existing's dialect pieces: the first staged row of each address new to this import that is already
     # a recipient; the stored attributes with new ones merged in; a null-safe "differs"; the cast to the column.
     first_rows = ""
@@ -127,7 +126,7 @@ class Backend:
         if rows:
             self.submit(self._stage, rows)
             self.pending += len(rows)
-        if self.segmented and self.pending >= SEGMENT_ROWS:
+        if self.threaded and self.pending >= SEGMENT_ROWS:
             self.submit(self._apply_segment)
             self.pending = 0
 
@@ -164,7 +163,6 @@ class Backend:
         except BaseException as exc:
             self._error = exc
             return None
-        self._committed = self._committed or fn == self._finish
         return result
 
     def _close(self) -> None:
@@ -243,6 +241,14 @@ class Backend:
         ).rowcount
         self.end_segment()
 
+    @property
+    def normalized_email(self) -> str:
+        """A plain (ASCII) address is staged as written; email-validator's normalization of it is the domain
+        lowercased. Others were staged normalized."""
+        at = f"{self.find}(u.email, '@')"
+        domain_lowered = f"substr(u.email, 1, {at}) || lower(substr(u.email, {at} + 1))"
+        return f"CASE WHEN u.normalized = 1 THEN u.email ELSE {domain_lowered} END"
+
     def _update_existing(self, src: str, attrs: str, new: str) -> int:
         """--update-existing: overwrite the stored name and attributes of active recipients that were there before
         the import, from the first line of each address. Returns how many changed."""
@@ -285,6 +291,7 @@ class Backend:
             (json.dumps(result), json.dumps({"committed": True}), self.job_id),
         )
         self.raw.commit()
+        self._committed = True
         return result
 
     # -- dialect ----------------------------------------------------------------------------------------------
@@ -304,7 +311,7 @@ class Backend:
         return now
 
     def _stage(self, rows: list[tuple[Any, ...]]) -> None:
-        raise NotImplementedError
+        self.insert_many("cm_seg", rows)
 
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
@@ -314,11 +321,17 @@ class Backend:
 
     def prepare(self) -> tuple[str, str]:
         """The table to read the segment from, and the order that puts each address's first line first."""
+        self.analyze("cm_seg")
         return "cm_seg", "u.line"
 
     def remember(self, src: str) -> int:
-        """Add the segment's addresses to cm_seen; returns how many were new."""
-        raise NotImplementedError
+        """Add the segment's addresses to cm_seen; returns how many were new. (The WHERE is SQLite's: without
+        one it cannot tell the upsert's ON from a join's.)"""
+        return int(
+            self.sql(
+                f"INSERT INTO cm_seen (key) SELECT key FROM {src} WHERE key IS NOT NULL ON CONFLICT DO NOTHING"
+            ).rowcount
+        )
 
     def analyze(self, table: str, *, first_only: bool = False) -> None:
         """Refresh the planner's statistics (PostgreSQL plans for a table as it was when last analyzed)."""
@@ -329,14 +342,9 @@ class Backend:
 
 class SqliteBackend(Backend):
     # Staging rows binds every value under the GIL, so on SQLite a second thread only contends with the parsing
-    # one (measured: no faster, and twice the peak memory from per-thread malloc arenas). Run inline, and apply
-    # everything as one segment (see SEGMENT_ROWS).
+    # one (measured: no faster, and twice the peak memory from per-thread malloc arenas). Run inline, and so
+    # apply everything as one segment (see SEGMENT_ROWS).
     threaded = False
-    segmented = False
-    normalized_email = (
-        "CASE WHEN u.normalized = 1 THEN u.email"
-        " ELSE substr(u.email, 1, instr(u.email, '@')) || lower(substr(u.email, instr(u.email, '@') + 1)) END"
-    )
     # SQLite takes bare columns from the row min() picked: the first line of each address.
     first_rows = (
         "(SELECT min(s.line) AS line, s.key, s.name{columns} FROM {src} s"
@@ -365,9 +373,6 @@ class SqliteBackend(Backend):
 
     def timestamp(self, now: datetime) -> Any:
         return now.strftime("%Y-%m-%d %H:%M:%S.%f")  # how SQLAlchemy stores DateTime on SQLite
-
-    def _stage(self, rows: list[tuple[Any, ...]]) -> None:
-        self.insert_many("cm_seg", rows)
 
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         # One INSERT with many VALUES tuples costs half what executemany does per row, and runs as one step.
@@ -398,17 +403,11 @@ class SqliteBackend(Backend):
         self.sql("CREATE TEMP TABLE cm_sorted AS SELECT * FROM cm_seg ORDER BY key, line")
         return "cm_sorted", "u.rowid"
 
-    def remember(self, src: str) -> int:
-        return int(self.sql(f"INSERT OR IGNORE INTO cm_seen (key) SELECT key FROM {src}").rowcount)
-
 
 class PostgresBackend(Backend):
     param = "%s"
     json_param = "%s::json"
-    normalized_email = (
-        "CASE WHEN u.normalized = 1 THEN u.email"
-        " ELSE substr(u.email, 1, strpos(u.email, '@')) || lower(substr(u.email, strpos(u.email, '@') + 1)) END"
-    )
+    find = "strpos"
     first_rows = (
         "(SELECT DISTINCT ON (s.key) s.line, s.key, s.name{columns} FROM {src} s"
         " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 AND {new} ORDER BY s.key, s.line)"
@@ -418,9 +417,6 @@ class PostgresBackend(Backend):
     to_json = "::json"
     _analyzed = False
 
-    def _stage(self, rows: list[tuple[Any, ...]]) -> None:
-        self.insert_many("cm_seg", rows)
-
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         with self.cur.copy(f"COPY {table} FROM STDIN") as copy:
             for row in rows:
@@ -429,13 +425,6 @@ class PostgresBackend(Backend):
     def attributes_sql(self) -> str:
         pairs = ", ".join(f"{_quote(n)}, NULLIF(u.a{i}, '')" for i, n in enumerate(self.names))
         return f"jsonb_strip_nulls(jsonb_build_object({pairs}))::json" if self.names else "'{}'::json"
-
-    def prepare(self) -> tuple[str, str]:
-        self.analyze("cm_seg")
-        return "cm_seg", "u.line"
-
-    def remember(self, src: str) -> int:
-        return int(self.sql(f"INSERT INTO cm_seen (key) SELECT key FROM {src} ON CONFLICT DO NOTHING").rowcount)
 
     def analyze(self, table: str, *, first_only: bool = False) -> None:
         # Without fresh statistics PostgreSQL plans the joins for the tables as they were (a nested loop over what

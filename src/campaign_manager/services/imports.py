@@ -11,7 +11,6 @@ crash either finds that transaction committed and returns its counts, or starts 
 from __future__ import annotations
 
 import codecs
-import hashlib
 import io
 import sys
 from collections.abc import Callable, Iterator
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 KIND = "import"
 CHUNK_BYTES = 1 << 20
 BATCH_ROWS = 5_000
-COUNT_KEYS = ("read", "created", "updated", "added", "already_member", "duplicates", "invalid", "suppressed")
 Progress = Callable[[int, int], None]
 
 
@@ -212,7 +210,7 @@ def _load(
                 rejected.append(i)
                 rejects.append((lines[i], format_row(original[i], layout.delimiter), reason))
         keys = [e.lower() for e in emails]
-        gone = [1 if _sha(k) in forgotten else 0 for k in keys] if forgotten else [0] * len(keys)
+        gone = [1 if consent.email_hash(k) in forgotten else 0 for k in keys] if forgotten else [0] * len(keys)
         names = [r[ni].strip() or None for r in rows] if ni is not None else [None] * len(rows)
         attrs = [[r[i] for r in rows] for i in attr_idx]
         staged = list(zip(lines, keys, emails, names, gone, normalized, *attrs, strict=True))
@@ -226,10 +224,6 @@ def _load(
     if progress is not None:
         progress(size, size)
     return {"read": read, "invalid": invalid}
-
-
-def _sha(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- rejects
