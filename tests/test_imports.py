@@ -233,3 +233,20 @@ def test_forget_purges_rejected_rows_that_name_the_person(news: Callable[..., Ru
     news("recipient forget ada@example.com")
     rejects = news(f"jobs show {job_id} --rejects").stdout
     assert "ada@example.com" not in rejects.lower() and "bob" in rejects
+
+
+def test_queued_from_stdin_and_into_a_campaign(news: Callable[..., Run]) -> None:
+    """The queued paths of `--csv -` and `--recipients-csv`: each returns a job id at once; the worker runs both."""
+    group_job = int(news("group add-recipients news --csv -", input="email\nada@example.com\n").stdout.strip())
+    run = news("campaign create --title T --subject S --text hi --recipients-csv -", input="email\nbob@example.com\n")
+    campaign_job = int(run.stdout.strip())
+    assert {news(f"jobs show {job} --json").json()["status"] for job in (group_job, campaign_job)} == {"queued"}
+    news("worker --drain")
+    assert news("group show news --json").json()["members"] == 1
+    assert news("campaign list --json").json()[0]["audience"] == 1
+
+
+def test_wait_shows_no_progress_bar_when_stderr_is_not_a_terminal(news: Callable[..., Run], tmp_path: Path) -> None:
+    run = news(["group", "add-recipients", "news", "--csv", str(_write(tmp_path, "email\na@example.com\n")), "--wait"])
+    assert "importing" not in run.stderr and "\x1b[" not in run.stderr  # no bar, no terminal codes
+    assert "created 1" in run.stderr  # the summary still goes to stderr
