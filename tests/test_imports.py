@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +125,40 @@ def test_every_row_accounted_for(news: Callable[..., Run], tmp_path: Path, segme
     news(f"jobs show {job_id} --rejects-file {target}")
     fixed = list(csv.reader(io.StringIO(target.read_text())))
     assert fixed == [["email", "name", "plan", "city"], ["not-an-email", "X", "pro", ""], ["", "nobody", "pro", ""]]
+
+
+def test_stored_spelling_and_attributes(news: Callable[..., Run], tmp_path: Path) -> None:
+    """Each address is stored as email-validator normalizes it (the domain lowercased, the local part kept, role
+    names lowercased); attributes keep every character, and empty cells add no attribute."""
+    rows = [
+        ["email", "name", "note", "city"],
+        ["Ada@Example.COM", "Ada", 'says "hi", \\ and\nbye', "Zürich 😀"],
+        ["bob@example.com", "Bob", "", "Rome"],
+        ["Postmaster@Example.org", "", "", ""],
+        ["José@Example.com", "José", "ok", ""],
+    ]
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    counts = _import(news, _write(tmp_path, out.getvalue()))
+    assert counts["created"] == 4 and counts["invalid"] == 0
+    members = {m["email"]: m for m in news("group recipients news --json").json()}
+    assert sorted(members) == ["Ada@example.com", "José@example.com", "bob@example.com", "postmaster@example.org"]
+    shown = {e: news(["recipient", "show", e.upper(), "--json"]).json()["attributes"] for e in members}
+    assert shown == {
+        "Ada@example.com": {"note": 'says "hi", \\ and\nbye', "city": "Zürich 😀"},
+        "bob@example.com": {"city": "Rome"},
+        "postmaster@example.org": {},
+        "José@example.com": {"note": "ok"},
+    }
+
+
+def test_json_objects_match_json_dumps() -> None:
+    cells = ["", "plain", 'q"uote', "back\\slash", "new\nline", "tab\t", "é😀", "\x00", " "]
+    columns = [(0, "a"), (1, 'we"ird'), (2, "ü")]
+    rows = [[x, y, z] for x in cells for y in cells for z in cells[::2]]
+    got = [json.loads(text) for text in imports.json_objects(rows, columns)]
+    assert got == [{name: r[i] for i, name in columns if r[i]} for r in rows]
+    assert imports.json_objects(rows[:3], []) == ["{}"] * 3
 
 
 def test_update_existing(news: Callable[..., Run], tmp_path: Path, segments: None) -> None:

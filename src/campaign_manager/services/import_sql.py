@@ -42,10 +42,6 @@ def _json(value: Any) -> dict[str, Any]:
     return dict(json.loads(value) if isinstance(value, str | bytes) else value or {})
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 class Backend:
     """Stage and apply one import job's rows. The public methods are called from the job's thread; with
     `threaded`, they hand the work to the SQL thread, where `run` waits for an answer and `submit` does not (a
@@ -64,9 +60,8 @@ class Backend:
     differs = ""
     to_json = ""
 
-    def __init__(self, engine: Any, job_id: int, args: dict[str, Any], names: list[str]) -> None:
-        self.engine, self.job_id, self.args, self.names = engine, job_id, args, names
-        self.n_attrs = len(names)
+    def __init__(self, engine: Any, job_id: int, args: dict[str, Any]) -> None:
+        self.engine, self.job_id, self.args = engine, job_id, args
         self.totals = dict.fromkeys(("staged", "distinct", "suppressed", "created", "updated", "added"), 0)
         self.pending = 0
         self._rejects: list[tuple[int, str, str]] = []
@@ -190,10 +185,10 @@ class Backend:
         if _json(done).get("committed"):
             return _json(stored)  # a run before us committed; do not apply twice
         self.now = self.timestamp(datetime.now(UTC))
-        attrs = "".join(f", a{i} TEXT" for i in range(self.n_attrs))
+        # email is NULL when it equals the key; attributes is the text of a JSON object.
         self.sql(
-            f"CREATE TEMP TABLE cm_seg (line INTEGER PRIMARY KEY, key TEXT NOT NULL, email TEXT NOT NULL,"
-            f" name TEXT, gone INTEGER NOT NULL, normalized INTEGER NOT NULL{attrs})"
+            "CREATE TEMP TABLE cm_seg (line INTEGER PRIMARY KEY, key TEXT NOT NULL, email TEXT, name TEXT,"
+            " gone INTEGER NOT NULL, normalized INTEGER NOT NULL, attributes TEXT NOT NULL)"
         )
         self.sql(f"CREATE TEMP TABLE cm_seen (key TEXT PRIMARY KEY){self.without_rowid}")
         self.sql("CREATE TEMP TABLE cm_rejects (line INTEGER NOT NULL, raw TEXT NOT NULL, reason TEXT NOT NULL)")
@@ -215,7 +210,7 @@ class Backend:
                 f" WHERE (s.gone = 1 OR r.status = 'opted_out') AND {new.format(alias='s')}"
             )
         )
-        attrs = self.attributes_sql()
+        attrs = self.attributes
         if self.args.get("update_existing"):
             t["updated"] += self._update_existing(src, attrs, new.format(alias="s"))
         t["distinct"] += self.remember(src)
@@ -243,17 +238,16 @@ class Backend:
 
     @property
     def normalized_email(self) -> str:
-        """A plain (ASCII) address is staged as written; email-validator's normalization of it is the domain
-        lowercased. Others were staged normalized."""
+        """An address staged without email is its key. A plain (ASCII) address is staged as written;
+        email-validator's normalization of it is the domain lowercased. Others were staged normalized."""
         at = f"{self.find}(u.email, '@')"
         domain_lowered = f"substr(u.email, 1, {at}) || lower(substr(u.email, {at} + 1))"
-        return f"CASE WHEN u.normalized = 1 THEN u.email ELSE {domain_lowered} END"
+        return f"CASE WHEN u.email IS NULL THEN u.key WHEN u.normalized = 1 THEN u.email ELSE {domain_lowered} END"
 
     def _update_existing(self, src: str, attrs: str, new: str) -> int:
         """--update-existing: overwrite the stored name and attributes of active recipients that were there before
         the import, from the first line of each address. Returns how many changed."""
-        columns = "".join(f", s.a{i}" for i in range(self.n_attrs))
-        first = self.first_rows.format(columns=columns, src=src, new=new)
+        first = self.first_rows.format(src=src, new=new)
         new_name = "COALESCE(u.name, recipient.name)"
         new_attrs = self.merged_attrs.format(attrs=attrs)
         old_attrs = self.merged_attrs.format(attrs="'{}'")
@@ -316,8 +310,8 @@ class Backend:
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
 
-    def attributes_sql(self) -> str:
-        raise NotImplementedError
+    # The staged attributes as the column's type.
+    attributes = "u.attributes"
 
     def prepare(self) -> tuple[str, str]:
         """The table to read the segment from, and the order that puts each address's first line first."""
@@ -347,7 +341,7 @@ class SqliteBackend(Backend):
     threaded = False
     # SQLite takes bare columns from the row min() picked: the first line of each address.
     first_rows = (
-        "(SELECT min(s.line) AS line, s.key, s.name{columns} FROM {src} s"
+        "(SELECT min(s.line) AS line, s.key, s.name, s.attributes FROM {src} s"
         " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 AND {new} GROUP BY s.key)"
     )
     merged_attrs = "json_patch(recipient.attributes, {attrs})"
@@ -385,16 +379,6 @@ class SqliteBackend(Backend):
                 f"INSERT INTO {table} VALUES {', '.join([one] * len(part))}", list(chain.from_iterable(part))
             )
 
-    def attributes_sql(self) -> str:
-        if not self.names:
-            return "'{}'"
-        # Empty cells add no attribute: json_patch drops keys whose value is null. It costs a third of the insert,
-        # so it is only used on rows that have an empty cell.
-        full = ", ".join(f"{_quote(n)}, u.a{i}" for i, n in enumerate(self.names))
-        some = ", ".join(f"{_quote(n)}, NULLIF(u.a{i}, '')" for i, n in enumerate(self.names))
-        filled = " AND ".join(f"u.a{i} != ''" for i in range(self.n_attrs))
-        return f"CASE WHEN {filled} THEN json_object({full}) ELSE json_patch('{{}}', json_object({some})) END"
-
     def prepare(self) -> tuple[str, str]:
         # A sorted copy, read in rowid order, makes every later pass walk the rows in key order: the email_key
         # index, the new ids and the memberships are written in order instead of at random, and each address's
@@ -409,7 +393,7 @@ class PostgresBackend(Backend):
     json_param = "%s::json"
     find = "strpos"
     first_rows = (
-        "(SELECT DISTINCT ON (s.key) s.line, s.key, s.name{columns} FROM {src} s"
+        "(SELECT DISTINCT ON (s.key) s.line, s.key, s.name, s.attributes FROM {src} s"
         " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 AND {new} ORDER BY s.key, s.line)"
     )
     merged_attrs = "(recipient.attributes::jsonb || ({attrs})::jsonb)"
@@ -417,14 +401,18 @@ class PostgresBackend(Backend):
     to_json = "::json"
     _analyzed = False
 
+    def begin(self) -> None:
+        # Session settings, before the first temporary table is touched: the default 8 MB of temp_buffers cannot
+        # hold the addresses remembered so far (cm_seen), and each segment's statements would spill to disk.
+        self.sql("SET temp_buffers = '256MB'")
+        self.sql("SET LOCAL work_mem = '64MB'")
+
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         with self.cur.copy(f"COPY {table} FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
 
-    def attributes_sql(self) -> str:
-        pairs = ", ".join(f"{_quote(n)}, NULLIF(u.a{i}, '')" for i, n in enumerate(self.names))
-        return f"jsonb_strip_nulls(jsonb_build_object({pairs}))::json" if self.names else "'{}'::json"
+    attributes = "u.attributes::json"
 
     def analyze(self, table: str, *, first_only: bool = False) -> None:
         # Without fresh statistics PostgreSQL plans the joins for the tables as they were (a nested loop over what

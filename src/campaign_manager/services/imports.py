@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ KIND = "import"
 CHUNK_BYTES = 1 << 20
 BATCH_ROWS = 5_000
 Progress = Callable[[int, int], None]
+_encode = json.encoder.encode_basestring  # a JSON string literal (non-ASCII kept as is), in C
 
 
 # ---------------------------------------------------------------------------------------------- staging
@@ -164,9 +166,8 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         args = dict(job.args)
         forgotten = consent.suppressed_hashes(session)
     layout = CsvLayout.from_args(args["layout"])
-    names = [name for _, name in layout.attributes]
     kind = SqliteBackend if is_sqlite(url) else PostgresBackend
-    backend: Backend = kind(engine, job_id, args, names)
+    backend: Backend = kind(engine, job_id, args)
     try:
         done = backend.start()
         if done is not None:
@@ -210,10 +211,12 @@ def _load(
                 rejected.append(i)
                 rejects.append((lines[i], format_row(original[i], layout.delimiter), reason))
         keys = [e.lower() for e in emails]
+        # Most addresses are already lowercase: stage no second copy of those (SQL takes the key).
+        stored = [None if e == k else e for e, k in zip(emails, keys, strict=True)]
         gone = [1 if consent.email_hash(k) in forgotten else 0 for k in keys] if forgotten else [0] * len(keys)
         names = [r[ni].strip() or None for r in rows] if ni is not None else [None] * len(rows)
-        attrs = [[r[i] for r in rows] for i in attr_idx]
-        staged = list(zip(lines, keys, emails, names, gone, normalized, *attrs, strict=True))
+        attrs = json_objects(rows, layout.attributes)
+        staged = list(zip(lines, keys, stored, names, gone, normalized, attrs, strict=True))
         if rejected:
             invalid += len(rejected)
             drop = set(rejected)
@@ -224,6 +227,19 @@ def _load(
     if progress is not None:
         progress(size, size)
     return {"read": read, "invalid": invalid}
+
+
+def json_objects(rows: list[list[str]], columns: list[tuple[int, str]]) -> list[str]:
+    """Each row's attribute columns as the text of a JSON object; an empty cell adds no key. Built column by
+    column with json's C string encoder (building it in SQL cost a third of the recipient insert)."""
+    if not columns:
+        return ["{}"] * len(rows)
+    pairs = []
+    for i, name in columns:
+        key = _encode(name) + ":"
+        pairs.append([key + _encode(r[i]) if r[i] else None for r in rows])
+    objects = zip(*pairs, strict=True)
+    return ["{" + ",".join(t) + "}" if None not in t else "{" + ",".join(filter(None, t)) + "}" for t in objects]
 
 
 # ---------------------------------------------------------------------------------------------- rejects
