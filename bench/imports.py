@@ -64,7 +64,7 @@ def bench_queued_sqlite(bench: Bench, data: Dataset) -> None:
         f"queued import, SQLite, {data.rows:,} rows: `add-recipients --csv` until `worker --drain` exits"
     )
     bench.report.note(f"data: {data.path.name}: {describe(data)}")
-    floors = [f for f in (sqlite_floor(bench, data),) if f]
+    floors = [f for f in (sqlite_floor(bench, data), schema_floor_sqlite(bench, data)) if f]
     with bench.fresh_dir("sqlite") as folder:
         _queued_import(bench, data, database=str(folder / "cm.db"), label="SQLite", floors=floors, rate=SQLITE_TARGET)
 
@@ -77,7 +77,9 @@ def bench_queued_postgres(bench: Bench, data: Dataset, *, server_url: str) -> No
     try:
         with pg.throwaway_database(server_url) as url:
             bench.report.note(f"throwaway database {url.rsplit('/', 1)[-1]} (dropped afterwards); queue in the same")
-            floors = [f for f in (sqlite_floor(bench, data), psql_floor(bench, data, url=url)) if f]
+            with pg.throwaway_database(server_url) as scratch:
+                schema = schema_floor(bench, data, scratch, label="PostgreSQL")
+            floors = [f for f in (sqlite_floor(bench, data), psql_floor(bench, data, url=url), schema) if f]
             _queued_import(bench, data, database=url, label="PostgreSQL", floors=floors, rate=POSTGRES_TARGET)
     except pg.Unavailable as exc:
         bench.report.note(f"skipped: {exc}")
@@ -89,7 +91,7 @@ def bench_queued_postgres(bench: Bench, data: Dataset, *, server_url: str) -> No
 def bench_wait(bench: Bench, data: Dataset) -> None:
     bench.report.section(f"import with --wait, SQLite, {data.rows:,} rows (one process, start-up included)")
     bench.report.note(f"data: {data.path.name}: {describe(data)}")
-    floors = [f for f in (sqlite_floor(bench, data),) if f]
+    floors = [f for f in (sqlite_floor(bench, data), schema_floor_sqlite(bench, data)) if f]
     target = Target("import --wait, SQLite", WAIT_TARGET, "rows/s", higher_is_better=True)
     with bench.fresh_dir("wait") as folder:
         db = str(folder / "cm.db")
@@ -148,6 +150,29 @@ def psql_floor(bench: Bench, data: Dataset, *, url: str) -> Figure | None:
         bench.report.note(f"floor: not available: {(copy if create.ok else create).failure()}")
         return None
     return Figure("psql \\copy (floor)", data.rows / copy.seconds, "rows/s", f"{copy.seconds:.2f} s")
+
+
+def schema_floor_sqlite(bench: Bench, data: Dataset) -> Figure | None:
+    with bench.fresh_dir("floor-schema") as folder:
+        return schema_floor(bench, data, str(folder / "floor.db"), label="SQLite")
+
+
+def schema_floor(bench: Bench, data: Dataset, database: str, *, label: str) -> Figure | None:
+    """bench/schema_floor.py in a database cm created: the database's own share of an import on cm's tables, with
+    rows already parsed and no checks. No import on these tables can beat it; the detail shows its steps."""
+    setup = _setup(bench, database)
+    run = setup
+    if setup.ok:
+        argv = [proc.python(), "-m", "bench.schema_floor", database, str(data.path)]
+        run = proc.run(argv, cwd=Path(__file__).parent.parent, out_dir=bench.work / "out", timeout=bench.timeout)
+    result = _json(run.stdout) if run.ok else None
+    if not isinstance(result, dict) or not isinstance(result.get("seconds"), float | int):
+        bench.report.note(f"floor: not available: {label} SQL alone: {run.failure() if not run.ok else run.stdout}")
+        return None
+    seconds = float(result["seconds"])
+    steps = ", ".join(f"{name} {value:.2f}" for name, value in result.get("steps", {}).items())
+    bench.report.note(f"{label} SQL alone on cm's tables (rows already parsed): {seconds:.2f} s: {steps}")
+    return Figure(f"{label} SQL alone (floor)", data.rows / seconds, "rows/s", f"{seconds:.2f} s")
 
 
 def check_import(bench: Bench, database: str, data: Dataset) -> Check:
