@@ -7,10 +7,11 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from campaign_manager.services import import_sql, imports, jobs
+from campaign_manager.services import import_parse, import_sql, imports, jobs
 from conftest import Run
 
 GOOD = "ada@example.com"
@@ -35,15 +36,34 @@ def news(cm: Callable[..., Run]) -> Callable[..., Run]:
     return cm
 
 
-@pytest.fixture(params=["one-segment", "many-segments"])
+@pytest.fixture(params=["one-segment", "many-segments", "helper-process"])
 def segments(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the test with the whole file in one segment, and with segments of two rows, read in batches of one:
-    the counts must come out the same when duplicates and updates span segments."""
+    """Run the test with the whole file in one segment, with segments of two rows, read in batches of one, and
+    (on SQLite) parsed by the helper process in batches of one: the counts must come out the same when
+    duplicates and updates span segments or batches."""
+    if request.param == "helper-process":
+        _use_helper(monkeypatch)
+        monkeypatch.setattr(imports, "BATCH_ROWS", 1)
     if request.param == "many-segments":
         monkeypatch.setattr(import_sql, "SEGMENT_ROWS", 2)
         # SQLite, too, in segments and on a thread, as PostgreSQL runs
         monkeypatch.setattr(import_sql.SqliteBackend, "threaded", True)
         monkeypatch.setattr(imports, "BATCH_ROWS", 1)
+
+
+def _use_helper(monkeypatch: pytest.MonkeyPatch) -> list[import_parse.ParseProcess]:
+    """Parse every SQLite import in the helper process, whatever its size; returns the helpers started."""
+    started: list[import_parse.ParseProcess] = []
+
+    class Recorded(import_parse.ParseProcess):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            started.append(self)
+
+    monkeypatch.setattr(imports, "HELPER_MIN_BYTES", 0)
+    monkeypatch.setattr(imports.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(imports, "ParseProcess", Recorded)
+    return started
 
 
 @pytest.mark.parametrize(
@@ -156,9 +176,9 @@ def test_json_objects_match_json_dumps() -> None:
     cells = ["", "plain", 'q"uote', "back\\slash", "new\nline", "tab\t", "é😀", "\x00", " "]
     columns = [(0, "a"), (1, 'we"ird'), (2, "ü")]
     rows = [[x, y, z] for x in cells for y in cells for z in cells[::2]]
-    got = [json.loads(text) for text in imports.json_objects(rows, columns)]
+    got = [json.loads(text) for text in import_parse.json_objects(rows, columns)]
     assert got == [{name: r[i] for i, name in columns if r[i]} for r in rows]
-    assert imports.json_objects(rows[:3], []) == ["{}"] * 3
+    assert import_parse.json_objects(rows[:3], []) == ["{}"] * 3
 
 
 def test_update_existing(news: Callable[..., Run], tmp_path: Path, segments: None) -> None:
@@ -285,3 +305,59 @@ def test_wait_shows_no_progress_bar_when_stderr_is_not_a_terminal(news: Callable
     run = news(["group", "add-recipients", "news", "--csv", str(_write(tmp_path, "email\na@example.com\n")), "--wait"])
     assert "importing" not in run.stderr and "\x1b[" not in run.stderr  # no bar, no terminal codes
     assert "created 1" in run.stderr  # the summary still goes to stderr
+
+
+def test_helper_process_imports_and_reports_broken_csv(
+    news: Callable[..., Run], db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = _use_helper(monkeypatch)
+    monkeypatch.setattr(imports, "BATCH_ROWS", 7)
+    good = "email,name\n" + "".join(f"p{i}@example.com,P{i}\n" for i in range(100)) + "bad,x\n"
+    counts = _import(news, _write(tmp_path, good))
+    assert counts["created"] == 100 and counts["invalid"] == 1 and counts["read"] == 101
+    if db_url.startswith("sqlite"):
+        assert len(started) == 1 and started[0]._proc.returncode == 0  # it ran, and ended by itself
+    # A quote never closed swallows the rest of the file into one field, past the csv module's limit: the helper
+    # names the line, the job fails with it, and nothing of the file is applied.
+    rows = "".join(f"q{i}@example.com,Q{i}\n" for i in range(30)) + 'r@example.com,"open\n' + "x,y\n" * 50_000
+    run = news(
+        ["group", "add-recipients", "news", "--csv", str(_write(tmp_path, "email,name\n" + rows)), "--wait"], ok=False
+    )
+    assert run.exit_code == 9 and "broken CSV after line 29: field larger than field limit" in run.stderr, run.stderr
+    assert news("group show news --json").json()["members"] == 100
+
+    # A worker giving the job back (its progress callback raises) stops the helper too; the next run does it all.
+    job_id = int(news(["group", "add-recipients", "news", "--csv", str(_write(tmp_path, good))]).stdout.strip())
+
+    def give_back(done: int, total: int) -> None:
+        raise jobs.JobReleased
+
+    with pytest.raises(jobs.JobReleased):
+        imports.run_import_job(db_url, job_id, give_back)
+    if db_url.startswith("sqlite"):
+        assert started[-1]._proc.returncode is not None
+    assert imports.run_import_job(db_url, job_id)["already_member"] == 100
+
+
+def test_helper_process_that_dies_fails_the_job_and_close_reaps_it() -> None:
+    from campaign_manager.services.csvfile import inspect_csv
+
+    data = b"email\n" + b"".join(b"p%d@example.com\n" % i for i in range(50_000))
+    layout = inspect_csv(data[:4096], name="x.csv")
+    chunks = (data[i : i + 4096] for i in range(0, len(data), 4096))
+    helper = import_parse.ParseProcess(layout, chunks, set(), 100)
+    batches = iter(helper)
+    first = next(batches)
+    assert first.read == 100 and first.rows[0][:2] == (2, "p0@example.com")
+    helper._proc.kill()
+    with pytest.raises(RuntimeError, match="the parsing process stopped"):
+        for _ in batches:
+            pass
+    helper.close()
+    assert helper._proc.returncode is not None
+
+    # Closed half-way through, it is stopped and reaped rather than left running.
+    helper = import_parse.ParseProcess(layout, iter([data]), set(), 100)
+    next(iter(helper))
+    helper.close()
+    assert helper._proc.returncode is not None

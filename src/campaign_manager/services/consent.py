@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -24,14 +23,11 @@ from campaign_manager.models import (
     Suppression,
     utcnow,
 )
+from campaign_manager.services.emails import email_hash as email_hash  # the hash a forgotten address leaves
 from campaign_manager.services.emails import email_key, normalize_email
 
 OPT_OUT, OPT_IN, FORGET = "opt_out", "opt_in", "forget"
 log = logging.getLogger(__name__)
-
-
-def email_hash(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def mailable() -> ColumnElement[bool]:

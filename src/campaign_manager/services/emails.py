@@ -11,6 +11,7 @@ identical to email-validator's.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import email_validator
@@ -113,6 +114,11 @@ def check_email(raw: str) -> tuple[str, str | None]:
 def email_key(normalized: str) -> str:
     """The case-insensitive identity of a normalized address, used for uniqueness."""
     return normalized.lower()
+
+
+def email_hash(key: str) -> str:
+    """What a forgotten address leaves behind (consent.forget): the SHA-256 of its key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def normalize_email(raw: str) -> str:

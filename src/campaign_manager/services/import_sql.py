@@ -48,6 +48,8 @@ class Backend:
     failure surfaces on the next call), and the rows are applied in segments so that the two overlap."""
 
     threaded = True
+    # Whether a large import parses in a helper process (import_parse.ParseProcess) while this one stages.
+    helper_process = False
 
     param = "?"
     json_param = "?"
@@ -339,6 +341,7 @@ class SqliteBackend(Backend):
     # one (measured: no faster, and twice the peak memory from per-thread malloc arenas). Run inline, and so
     # apply everything as one segment (see SEGMENT_ROWS).
     threaded = False
+    helper_process = True
     # SQLite takes bare columns from the row min() picked: the first line of each address.
     first_rows = (
         "(SELECT min(s.line) AS line, s.key, s.name, s.attributes FROM {src} s"

@@ -11,8 +11,7 @@ crash either finds that transaction committed and returns its counts, or starts 
 from __future__ import annotations
 
 import codecs
-import io
-import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,22 +25,19 @@ from campaign_manager.models import ImportReject, Job, JobFile
 from campaign_manager.services import consent
 from campaign_manager.services.csvfile import (
     SAMPLE_BYTES,
-    ChunkStream,
     CsvLayout,
     format_row,
     inspect_csv,
-    iter_batches,
 )
-from campaign_manager.services.emails import PLAIN_ADDRESS, check_email
+from campaign_manager.services.import_parse import BATCH_ROWS, CHUNK_BYTES, Batch, ParseProcess, parse
 
 if TYPE_CHECKING:
     from campaign_manager.services.import_sql import Backend
 
 KIND = "import"
-CHUNK_BYTES = 1 << 20
-BATCH_ROWS = 5_000
+# From this size (about 130,000 rows of a typical file) an import on SQLite parses in a helper process.
+HELPER_MIN_BYTES = 8 << 20
 Progress = Callable[[int, int], None]
-_encode = json.encoder.encode_basestring  # a JSON string literal (non-ASCII kept as is), in C
 
 
 # ---------------------------------------------------------------------------------------------- staging
@@ -166,80 +162,41 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         args = dict(job.args)
         forgotten = consent.suppressed_hashes(session)
     layout = CsvLayout.from_args(args["layout"])
+    size = int(args.get("size", 0))
     kind = SqliteBackend if is_sqlite(url) else PostgresBackend
     backend: Backend = kind(engine, job_id, args)
+    helper: ParseProcess | None = None
     try:
         done = backend.start()
         if done is not None:
             return done
-        counts = _load(backend, layout, _iter_chunks(url, job_id), forgotten, int(args.get("size", 0)), progress)
+        chunks = _iter_chunks(url, job_id)
+        batches: Iterator[Batch]
+        if kind.helper_process and size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
+            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS)
+            batches = iter(helper)
+        else:
+            batches = parse(layout, chunks, forgotten, BATCH_ROWS)
+        counts = _load(backend, batches, size, progress)
         return backend.finish(counts)
     finally:
+        if helper is not None:
+            helper.close()
         backend.close()
 
 
-def _load(
-    backend: Backend,
-    layout: CsvLayout,
-    chunks: Iterator[bytes],
-    forgotten: set[str],
-    size: int,
-    progress: Progress | None,
-) -> dict[str, int]:
-    """Parse, validate and stage every row: the import's hot path. Each batch goes through comprehensions and
-    map() (no Python-level call per row); only addresses the PLAIN_ADDRESS pattern does not take, about 2% of a
-    typical file, are checked one by one by email-validator."""
-    stream = ChunkStream(chunks)
-    ei, ni = layout.email_index, layout.name_index
-    attr_idx = [i for i, _ in layout.attributes]
-    width = max([ei, ni or 0, *attr_idx]) + 1
-    plain = PLAIN_ADDRESS.fullmatch
+def _load(backend: Backend, batches: Iterator[Batch], size: int, progress: Progress | None) -> dict[str, int]:
+    """Stage every batch; the counts of rows read and rejected as invalid."""
     read = invalid = 0
-    for lines, rows in iter_batches(io.BufferedReader(stream, CHUNK_BYTES), layout, BATCH_ROWS):
-        read += len(rows)
-        original = rows
-        if min(map(len, rows)) < width:
-            rows = [r if len(r) >= width else r + [""] * (width - len(r)) for r in rows]
-        emails = [r[ei].strip() for r in rows]
-        # 0: a plain address, which the apply step normalizes (lowercases its domain) in SQL; 1: normalized here.
-        normalized = [0 if m else 1 for m in map(plain, emails)]
-        rejected: list[int] = []
-        rejects: list[tuple[int, str, str]] = []
-        for i in [i for i, slow in enumerate(normalized) if slow]:
-            emails[i], reason = check_email(emails[i])
-            if reason is not None:
-                rejected.append(i)
-                rejects.append((lines[i], format_row(original[i], layout.delimiter), reason))
-        keys = [e.lower() for e in emails]
-        # Most addresses are already lowercase: stage no second copy of those (SQL takes the key).
-        stored = [None if e == k else e for e, k in zip(emails, keys, strict=True)]
-        gone = [1 if consent.email_hash(k) in forgotten else 0 for k in keys] if forgotten else [0] * len(keys)
-        names = [r[ni].strip() or None for r in rows] if ni is not None else [None] * len(rows)
-        attrs = json_objects(rows, layout.attributes)
-        staged = list(zip(lines, keys, stored, names, gone, normalized, attrs, strict=True))
-        if rejected:
-            invalid += len(rejected)
-            drop = set(rejected)
-            staged = [row for i, row in enumerate(staged) if i not in drop]
-        backend.add(staged, rejects)
+    for batch in batches:
+        read += batch.read
+        invalid += len(batch.rejects)
+        backend.add(batch.rows, batch.rejects)
         if progress is not None:
-            progress(stream.position, size)
+            progress(batch.position, size)
     if progress is not None:
         progress(size, size)
     return {"read": read, "invalid": invalid}
-
-
-def json_objects(rows: list[list[str]], columns: list[tuple[int, str]]) -> list[str]:
-    """Each row's attribute columns as the text of a JSON object; an empty cell adds no key. Built column by
-    column with json's C string encoder (building it in SQL cost a third of the recipient insert)."""
-    if not columns:
-        return ["{}"] * len(rows)
-    pairs = []
-    for i, name in columns:
-        key = _encode(name) + ":"
-        pairs.append([key + _encode(r[i]) if r[i] else None for r in rows])
-    objects = zip(*pairs, strict=True)
-    return ["{" + ",".join(t) + "}" if None not in t else "{" + ",".join(filter(None, t)) + "}" for t in objects]
 
 
 # ---------------------------------------------------------------------------------------------- rejects
