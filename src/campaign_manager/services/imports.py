@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from campaign_manager.services.import_sql import Backend
 
 KIND = "import"
-# From this size (about 130,000 rows of a typical file) an import on SQLite parses in a helper process.
+# From this size (about 130,000 rows of a typical file) an import parses in a helper process.
 HELPER_MIN_BYTES = 8 << 20
 Progress = Callable[[int, int], None]
 
@@ -172,8 +172,9 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
             return done
         chunks = _iter_chunks(url, job_id)
         batches: Iterator[Batch]
-        if kind.helper_process and size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
-            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS)
+        if size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
+            # The other core parses; on PostgreSQL the SQL thread then no longer contends for the GIL.
+            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share)
             batches = iter(helper)
         else:
             batches = parse(layout, chunks, forgotten, BATCH_ROWS)
