@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,17 @@ def test_helper_process_that_dies_fails_the_job_and_close_reaps_it() -> None:
             pass
     helper.close()
     assert helper._proc.returncode is not None
+
+    # SIGTERM and SIGINT (a service or a terminal stopping the worker's whole group) leave the helper running: the
+    # worker decides whether the job finishes in its grace period or is handed back.
+    helper = import_parse.ParseProcess(layout, iter([data]), set(), 100)
+    batches = iter(helper)
+    next(batches)
+    helper._proc.send_signal(signal.SIGTERM)
+    helper._proc.send_signal(signal.SIGINT)
+    assert sum(batch.read for batch in batches) == 50_000 - 100
+    helper.close()
+    assert helper._proc.returncode == 0
 
     # Closed half-way through, it is stopped and reaped rather than left running.
     helper = import_parse.ParseProcess(layout, iter([data]), set(), 100)

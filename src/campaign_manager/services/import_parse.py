@@ -17,6 +17,7 @@ import io
 import json
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -142,6 +143,12 @@ def _receive_bytes(inp: IO[bytes]) -> bytes:
 
 def main() -> int:
     """The helper process: settings, then chunks until an empty one, on stdin; batches, then "end", on stdout."""
+    # Stopping is the job's process's call: SIGTERM from systemd (sent to every process of the service) or Ctrl-C
+    # in a terminal (sent to the whole process group) must not cut an import short that the worker means to
+    # finish within its grace period. The job's process kills the helper when it stops early; if that process
+    # dies, the helper's next read or write fails and it exits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     settings = _receive(inp)
 
