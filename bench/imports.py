@@ -1,8 +1,9 @@
 """Import throughput of `cm group add-recipients --csv`, through the queue and the worker or with `--wait`.
 
-Every figure stands beside the same run's floor: `sqlite3 .import` of the same file into a fresh database (no
-validation, no de-duplication), and for PostgreSQL also `psql \\copy` into a plain table. After each import the
-job's counts are read back with `cm jobs list --json`, so a broken import cannot look fast.
+Every figure stands beside the same run's floors: `sqlite3 .import` of the same file into a fresh database (no
+validation, no de-duplication), for PostgreSQL also `psql \\copy` into a plain table, and the SQL alone on cm's own
+tables (bench/schema_floor.py). After each import the job's counts are read back with `cm jobs list --json`, so a
+broken import cannot look fast.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def schema_floor_sqlite(bench: Bench, data: Dataset) -> Figure | None:
 
 def schema_floor(bench: Bench, data: Dataset, database: str, *, label: str) -> Figure | None:
     """bench/schema_floor.py in a database cm created: the database's own share of an import on cm's tables, with
-    rows already parsed and no checks. No import on these tables can beat it; the detail shows its steps."""
+    rows already parsed and no checks, which any import into these tables must at least run. Its steps go in a
+    note."""
     setup = _setup(bench, database)
     run = setup
     if setup.ok:

@@ -65,6 +65,8 @@ class Backend:
     merged_attrs = ""
     differs = ""
     to_json = ""
+    # The staged attributes (JSON text) as the column's type.
+    attributes = "u.attributes"
 
     def __init__(self, engine: Any, job_id: int, args: dict[str, Any]) -> None:
         self.engine, self.job_id, self.args = engine, job_id, args
@@ -325,9 +327,6 @@ class Backend:
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
 
-    # The staged attributes as the column's type.
-    attributes = "u.attributes"
-
     def prepare(self) -> tuple[str, str]:
         """The table to read the segment from, and the order that puts each address's first line first."""
         self.analyze("cm_seg")
@@ -417,7 +416,7 @@ class PostgresBackend(Backend):
 
     def begin(self) -> None:
         # Session settings, before the first temporary table is touched: the default 8 MB of temp_buffers cannot
-        # hold the addresses remembered so far (cm_seen), and each segment's statements would spill to disk.
+        # hold a segment and the addresses kept for the counts, and the statements would spill to disk.
         self.sql("SET temp_buffers = '256MB'")
         self.sql("SET LOCAL work_mem = '64MB'")
 

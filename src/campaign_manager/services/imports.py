@@ -2,10 +2,11 @@
 
 Staging (in the `cm` process that queues the job) refuses a file that cannot be imported at all and copies the
 whole file into `job_file` chunks, so the worker never needs the original. Running (in a worker, or in-process
-with `--wait`) streams those chunks through the CSV reader and validates each address (fast path in `emails`);
-`import_sql` stages the good rows (multi-row inserts on SQLite, COPY on PostgreSQL) and applies them with a
-handful of set-based statements in ONE transaction, which also records the job's counts: a job re-run after a
-crash either finds that transaction committed and returns its counts, or starts over.
+with `--wait`) streams those chunks through the CSV reader and validates each address (`import_parse`: in a
+helper process on another core for a large file; fast path in `emails`); `import_sql` stages the good rows
+(multi-row inserts on SQLite, COPY on PostgreSQL) and applies them with a handful of set-based statements in ONE
+transaction, which also records the job's counts: a job re-run after a crash either finds that transaction
+committed and returns its counts, or starts over.
 """
 
 from __future__ import annotations
