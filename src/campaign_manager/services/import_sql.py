@@ -125,10 +125,10 @@ class Backend:
         # Few, large statements: each one the SQL thread runs means taking the GIL back from the parsing thread.
         self._rejects.extend(rejects)
         if len(self._rejects) >= 5_000:
-            self.submit(self._stage_rejects, self._rejects)
+            self.submit(self.insert_many, "cm_rejects", self._rejects)
             self._rejects = []
         if rows:
-            self.submit(self._stage, rows)
+            self.submit(self.insert_many, "cm_seg", rows)
             self.pending += len(rows)
         if self.threaded and self.pending >= SEGMENT_ROWS:
             self.submit(self._apply_segment)
@@ -137,7 +137,7 @@ class Backend:
     def finish(self, counts: dict[str, int]) -> dict[str, Any]:
         """Apply what is left, record the counts with the job and commit. Returns the counts."""
         if self._rejects:
-            self.submit(self._stage_rejects, self._rejects)
+            self.submit(self.insert_many, "cm_rejects", self._rejects)
         return self.run(self._finish, counts)  # type: ignore[no-any-return]
 
     # -- the SQL thread ---------------------------------------------------------------------------------------
@@ -204,9 +204,6 @@ class Backend:
         self.sql("CREATE TEMP TABLE cm_rejects (line INTEGER NOT NULL, raw TEXT NOT NULL, reason TEXT NOT NULL)")
         return None
 
-    def _stage_rejects(self, rejects: list[tuple[int, str, str]]) -> None:
-        self.insert_many("cm_rejects", rejects)
-
     def _apply_segment(self) -> None:
         src, order = self.prepare()
         rows = int(self.scalar(f"SELECT count(*) FROM {src}"))
@@ -214,10 +211,10 @@ class Backend:
             return
         t = self.totals
         t["staged"] += rows
-        self.keys = src
+        # Segments each go, so their addresses are kept for the counts; one segment is still there at the end.
+        self.keys = "cm_keys" if self.threaded else src
         if self.threaded:
             self.sql(f"INSERT INTO cm_keys SELECT key, gone FROM {src}")
-            self.keys = "cm_keys"
         attrs = self.attributes
         if self.args.get("update_existing"):
             t["updated"] += self._update_existing(
@@ -320,9 +317,6 @@ class Backend:
 
     def timestamp(self, now: datetime) -> Any:
         return now
-
-    def _stage(self, rows: list[tuple[Any, ...]]) -> None:
-        self.insert_many("cm_seg", rows)
 
     def insert_many(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
