@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlmodel import col, select
 
 from bench import pg, proc
 from bench.gen import Dataset, describe
@@ -25,6 +29,7 @@ SQLITE_TARGET = 200_000.0
 POSTGRES_TARGET = 80_000.0
 WAIT_TARGET = 100_000.0
 RSS_TARGET_MB = 150.0
+LOCK_TARGET_MS = 1_000.0
 GROUP = "bench"
 
 
@@ -240,9 +245,11 @@ def _queued_import(
 ) -> None:
     report = bench.report
     setup = _setup(bench, database)
+    idle = _probe(bench, database, limit=20) if setup.ok else None
     started = time.perf_counter()
     add = bench.cm(database, "group", "add-recipients", GROUP, "--csv", str(data.path)) if setup.ok else setup
-    drain = bench.cm(database, "worker", "--drain") if add.ok else add
+    with _probing(bench, database) as during:
+        drain = bench.cm(database, "worker", "--drain") if add.ok else add
     elapsed = time.perf_counter() - started
     if not drain.ok:
         report.note(f"not available: {drain.failure()}")
@@ -266,6 +273,72 @@ def _queued_import(
     report.table(figures)
     for target in _targets(label, rate, speed, drain.peak_rss_mb, note="" if check.ok else check.problem):
         report.target(target)
+    _report_lock(bench, database, label, idle, during)
+
+
+def _probe(bench: Bench, database: str, *, limit: int = 0, stop: Path | None = None) -> list[float] | None:
+    """Opt-out latencies from bench/lock_probe.py (None if it failed)."""
+    stop = stop or bench.work / "no-stop"
+    argv = [proc.python(), "-m", "bench.lock_probe", database, str(stop), str(limit)]
+    run = proc.run(argv, cwd=Path(__file__).parent.parent, out_dir=bench.work / "out", timeout=bench.timeout)
+    found = _json(run.stdout) if run.ok else None
+    if not isinstance(found, list) or not found:
+        bench.report.note(f"opt-out probe: not available: {run.failure() if not run.ok else run.stdout[:120]}")
+        return None
+    return [float(x) for x in found]
+
+
+@contextmanager
+def _probing(bench: Bench, database: str) -> Iterator[list[list[float] | None]]:
+    """Opt-outs every 50 ms in another process while the body runs; their latencies land in the yielded list."""
+    stop = bench.work / "probe-stop"
+    stop.unlink(missing_ok=True)
+    found: list[list[float] | None] = []
+    thread = threading.Thread(target=lambda: found.append(_probe(bench, database, stop=stop)), daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        stop.touch()
+        thread.join(timeout=60)
+
+
+def _report_lock(
+    bench: Bench, database: str, label: str, idle: list[float] | None, during: list[list[float] | None]
+) -> None:
+    """An opt-out's latency during the import (the longest, and the median), beside the same opt-out on the idle
+    database, and the longest time one of the import's segments held its transaction (SQLite: the write lock)."""
+    report = bench.report
+    target = Target(f"opt-out latency during the import, {label}", LOCK_TARGET_MS, "ms", higher_is_better=False)
+    latencies = during[0] if during else None
+    if not latencies or not idle:
+        report.target(_missing(target, "the opt-out probe failed"))
+        return
+    idle_ms = statistics.median(idle) * 1000
+    held = _longest_segment(database)
+    base = (Baseline("the same opt-out, idle database (median)", idle_ms),)
+    worst = max(latencies) * 1000
+    figures = [
+        Figure("opt-out during the import, longest", worst, "ms", f"{len(latencies)} opt-outs", base),
+        Figure("opt-out during the import, median", statistics.median(latencies) * 1000, "ms", "", base),
+    ]
+    if held is not None:
+        figures.append(Figure("longest segment transaction of the import", held * 1000, "ms", "the lock held"))
+    report.table(figures)
+    report.target(Target(target.name, target.limit, target.unit, False, worst))
+
+
+def _longest_segment(database: str) -> float | None:
+    """The import's own record of its longest segment transaction (job.result.max_lock_seconds)."""
+    from campaign_manager.db import open_session
+    from campaign_manager.models import Job
+
+    with open_session(database, write=False) as session:
+        jobs = session.exec(select(Job).order_by(col(Job.id).desc())).all()
+    for job in jobs:
+        if job.kind == "import" and (job.result or {}).get("max_lock_seconds") is not None:
+            return float(job.result["max_lock_seconds"])
+    return None
 
 
 def _setup(bench: Bench, database: str) -> proc.Run:

@@ -105,7 +105,8 @@ def test_text_logs_and_quiet(cm: Cm) -> None:
     assert " INFO campaign_manager.services.consent: consent opt_out by cm recipient opt-out" in verbose.stderr
     assert not _log_records(verbose.stderr)
     assert cm("-q recipient opt-out bob@example.com").stderr == ""
-    assert cm("recipient opt-out bob@example.com").stderr == "bob@example.com was already opted out\n"
+    bob = cm("recipient show bob@example.com --json").json()["id"]
+    assert cm("recipient opt-out bob@example.com").stderr == f"recipient {bob} was already opted out\n"
 
 
 class Throwaway:

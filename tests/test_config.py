@@ -177,6 +177,8 @@ KEY_VALUES: dict[str, Any] = {
     "worker.retry_delay": 1.5,
     "worker.retry_backoff": 3.0,
     "worker.lease_seconds": 30.0,
+    "import.segment_rows": 50_000,
+    "jobs.keep_files_days": 2.5,
     "log.level": "debug",
     "log.format": "json",
 }

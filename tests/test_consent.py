@@ -110,14 +110,22 @@ def test_every_change_is_in_the_consent_log(cm: Cm) -> None:
     cm("recipient opt-in ada@example.com --reason 'double opt-in'")
     assert "already active" in cm("recipient opt-in ada@example.com").stderr  # no change, no event
     cm("recipient opt-out ada@example.com")
-    cm("recipient forget ada@example.com --reason 'GDPR request #12'")
-    cm("recipient opt-in ada@example.com --reason 'came back'")
-    history = _history(cm, "ada@example.com")
-    assert [(e["action"], e["reason"], e["source"]) for e in history] == [
+    before = _history(cm, "ada@example.com")
+    assert [(e["action"], e["reason"], e["source"]) for e in before] == [
         ("opt_out", "unsubscribed-link", "cm recipient opt-out"),
         ("opt_in", "double opt-in", "cm recipient opt-in"),
         ("opt_out", None, "cm recipient opt-out"),
-        ("forget", "GDPR request #12", "cm recipient forget"),
+    ]
+    cm("recipient forget ada@example.com")
+    cm("recipient opt-in ada@example.com --reason 'came back'")
+    history = _history(cm, "ada@example.com")
+    # A forgotten person's history keeps what happened and when, never free text; the person who came back is
+    # a new recipient, whose own reasons are kept.
+    assert [(e["action"], e["reason"], e["source"]) for e in history] == [
+        ("opt_out", None, "cm recipient opt-out"),
+        ("opt_in", None, "cm recipient opt-in"),
+        ("opt_out", None, "cm recipient opt-out"),
+        ("forget", None, "cm recipient forget"),
         ("opt_in", "came back", "cm recipient opt-in"),
     ]
     times = [datetime.fromisoformat(e["at"]) for e in history]
@@ -136,9 +144,16 @@ def test_forget_erases_everything_but_a_hash(cm: Cm, db_url: str, by: str) -> No
     cid = cid.json()["id"]
     cm("recipient opt-out ada@example.com --reason x")
 
-    forgotten = cm(["recipient", "forget", "ada@example.com" if by == "email" else str(rid), "--json"]).json()
+    run = cm(["recipient", "forget", "ada@example.com" if by == "email" else str(rid), "--json"])
     expected_hash = hashlib.sha256(b"ada@example.com").hexdigest()
-    assert forgotten == {"id": rid, "email": "Ada@example.com", "forgotten": True, "suppression_hash": expected_hash}
+    assert run.json() == {
+        "id": rid,
+        "forgotten": True,
+        "changed": True,
+        "suppression_hash": expected_hash,
+        "staged_uploads": 0,
+    }
+    assert run.stderr == f"forgot recipient {rid}; the address is suppressed for good\n"  # by id, not address
 
     text = _database_text(db_url).lower()
     for trace in ("ada@example.com", "ada lovelace", "5550199", "zurich"):
@@ -159,7 +174,6 @@ def test_forget_erases_everything_but_a_hash(cm: Cm, db_url: str, by: str) -> No
         ("recipient create ADA@EXAMPLE.COM --name Ada", 5, "forgotten"),
         ("recipient opt-out ada@example.com", 5, "forgotten"),
         ("campaign create --title t --subject s --text x --recipient ada@example.com", 3, "no recipient"),
-        ("recipient forget ada@example.com", 3, "no recipient"),
         ("recipient update ada@example.com --name Ada", 3, "no recipient"),
     ],
 )
@@ -173,6 +187,7 @@ def test_a_forgotten_address_cannot_come_back(cm: Cm, command: str, exit_code: i
     assert [(r["outcome"], r["reason"]) for r in added] == [("suppressed", "forgotten on request")]
     assert cm("recipient list --json").json() == []
     assert cm(f"campaign show {cid} --json").json()["audience"] == 0
+    assert cm("recipient forget ADA@example.com").stderr == "that address was already forgotten\n"
 
 
 def test_opt_in_is_the_way_back_for_a_forgotten_address(cm: Cm) -> None:

@@ -68,16 +68,20 @@ def test_db_status_and_upgrade(db_url: str) -> None:
     assert _tables(db_url) >= set(SQLModel.metadata.tables)
 
 
+HEAD = db.HEAD_REVISION
+NEXT = f"{int(HEAD) + 1:04d}"
+
+
 def _newer_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make this process a cm release one migration ahead of the installed one: a copy of the shipped migrations
-    plus a revision 0002 that adds a table."""
+    plus a revision NEXT that adds a table."""
     migrations = tmp_path / "migrations"
     shutil.copytree(db.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_next.py").write_text(
+    (migrations / "versions" / f"{NEXT}_next.py").write_text(
         '"""next"""\n'
         "import sqlalchemy as sa\n"
         "from alembic import op\n\n"
-        'revision = "0002"\n'
+        f'revision = "{NEXT}"\n'
         f'down_revision = "{db.HEAD_REVISION}"\n'
         "branch_labels = None\n"
         "depends_on = None\n\n\n"
@@ -88,7 +92,7 @@ def _newer_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         encoding="utf-8",
     )
     monkeypatch.setattr(db, "MIGRATIONS_DIR", migrations)
-    monkeypatch.setattr(db, "HEAD_REVISION", "0002")
+    monkeypatch.setattr(db, "HEAD_REVISION", NEXT)
     db._checked.clear()  # as in a new process
 
 
@@ -100,11 +104,11 @@ def test_a_schema_behind_the_code_asks_for_db_upgrade(
     _newer_release(tmp_path, monkeypatch)
 
     for command in ("recipient list", "recipient create bob@example.com", "group list"):
-        assert_error(cm(command, ok=False), 6, "schema is at revision 0001, this cm needs 0002", "cm db upgrade")
+        assert_error(cm(command, ok=False), 6, f"schema is at revision {HEAD}, this cm needs {NEXT}", "cm db upgrade")
     status = cm("db status --json").json()
-    assert (status["revision"], status["head"], status["up_to_date"]) == ("0001", "0002", False)
+    assert (status["revision"], status["head"], status["up_to_date"]) == (HEAD, NEXT, False)
 
-    assert "0001 -> 0002" in cm("db upgrade").stderr
+    assert f"{HEAD} -> {NEXT}" in cm("db upgrade").stderr
     assert [r["email"] for r in cm("recipient list --json").json()] == ["ada@example.com"]
     assert "cm_next" in _tables(db_url)
 
@@ -193,7 +197,7 @@ def test_a_write_that_loses_a_uniqueness_race_is_a_conflict(db_url: str) -> None
     from campaign_manager.models import Group
 
     with db.open_session(db_url) as session:
-        session.add(Group(name="news"))
+        session.add(Group(name="news", name_key="news"))
     with pytest.raises(Conflict, match="conflicts with another"), db.open_session(db_url) as session:
-        session.add(Group(name="news"))
+        session.add(Group(name="news", name_key="news"))
         session.flush()

@@ -39,7 +39,7 @@ def _snapshot(cm: Cm) -> tuple[Any, ...]:
         ("recipient list --limit -1", errors.InvalidInput.exit_code, "negative"),
         ("recipient opt-out not-an-email", errors.InvalidInput.exit_code, "@-sign"),
         ("recipient opt-in nobody@example.com", errors.NotFound.exit_code, "no recipient"),
-        ("recipient forget nobody@example.com", errors.NotFound.exit_code, "no recipient"),
+        ("recipient forget 999", errors.NotFound.exit_code, "no recipient '999'"),
         ("recipient export 999", errors.NotFound.exit_code, "no recipient"),
         ("group create news", errors.Conflict.exit_code, "already exists"),
         ("group create 123", errors.InvalidInput.exit_code, "digits"),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy as sa
 
-from conftest import Run, assert_error
+from campaign_manager import db
+from conftest import Run, assert_error, make_cm
 
 Cm = Callable[..., Run]
 GROUP_FIELDS = {"id", "name", "description", "members", "active_members"}
@@ -164,3 +167,34 @@ def test_group_recipients_active(cm: Cm) -> None:
     assert [r["email"] for r in active] == ["a@example.com", "c@example.com"]
     assert all({"id", "email", "name", "status", "groups"} <= r.keys() for r in active)
     assert "b@example.com" not in cm("group recipients news --active").stdout
+
+
+def test_group_names_are_matched_ignoring_case(cm: Cm) -> None:
+    made = cm("group create News --json").json()
+    assert_error(cm("group create news", ok=False), 4, "a group named 'News' already exists")
+    assert cm("group show NEWS --json").json()["id"] == made["id"]
+    cm("group create Other")
+    assert_error(cm("group update other --name nEwS", ok=False), 4, "already exists")
+    renamed = cm("group update news --name NEWS --json").json()  # its own name in another case is fine
+    assert (renamed["id"], renamed["name"]) == (made["id"], "NEWS")
+    assert [g["name"] for g in cm("group list --json").json()] == ["NEWS", "Other"]
+
+
+def test_the_upgrade_stops_on_group_names_differing_only_in_case(db_url: str) -> None:
+    db.upgrade(db_url, "0001")  # a database made by the cm before names were matched ignoring case
+    with db.get_engine(db_url).begin() as conn:
+        for name in ("News", "news", "VIP", "Émile", "ÉMILE"):
+            conn.execute(
+                sa.text("INSERT INTO recipient_group (name, created_at, updated_at) VALUES (:n, :t, :t)"),
+                {"n": name, "t": datetime.now(UTC)},
+            )
+    cm = make_cm(db_url)
+    run = cm("db upgrade", ok=False)
+    assert_error(run, 6, "'News' (id 1) and 'news' (id 2)", "'Émile' (id 4) and 'ÉMILE' (id 5)", "cm group update")
+    assert db.current_revision(db_url) == "0001"  # nothing changed
+    with db.get_engine(db_url).begin() as conn:
+        conn.execute(sa.text("UPDATE recipient_group SET name = 'news-2' WHERE id = 2"))
+        conn.execute(sa.text("DELETE FROM recipient_group WHERE id = 5"))
+    db._checked.clear()
+    cm("db upgrade")
+    assert cm("group show NEWS-2 --json").json()["id"] == 2 and cm("group show émile --json").json()["id"] == 4

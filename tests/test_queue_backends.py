@@ -16,6 +16,7 @@ from campaign_manager.config import load_settings
 from campaign_manager.errors import Conflict, QueueError
 from campaign_manager.models import Job, utcnow
 from campaign_manager.services import groups, jobs
+from conftest import assert_error, make_cm
 from queue_helpers import QueueSetup, queue_setup
 
 
@@ -183,7 +184,8 @@ def test_job_that_keeps_killing_its_worker_is_given_up(qs: QueueSetup) -> None:
     assert job.error is not None and "gone-host:4242" in job.error and qs.runs(job_id) == 0
 
 
-def test_unknown_job_id_on_the_queue_is_dropped(qs: QueueSetup) -> None:
+def test_unknown_job_id_on_the_queue_is_dropped(qs: QueueSetup, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue, "NOT_YET_SAVED_S", 0.5)  # how long a message waits for its job's commit
     queue.enqueue_job(qs.settings(), 999)
     report = queue.drain(qs.settings())
     assert report.outcomes == {999: "skipped"} and qs.huey().pending_count() == 0
@@ -228,13 +230,22 @@ def test_bad_queue_url(tmp_path: Path, url: str, message: str) -> None:
         queue.get_huey(settings)
 
 
-def test_unreachable_queue_fails_the_job_instead_of_stranding_it(qs_sqlite: QueueSetup) -> None:
-    job_id = qs_sqlite.queue("test-ok", enqueue=False)
+def test_a_job_the_queue_cannot_take_is_not_left_behind(
+    qs_sqlite: QueueSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message goes on the queue inside the transaction that saves the job: a queue that cannot take it rolls
+    the job back, so the command's failure (exit 8) leaves nothing for a later drain to run."""
     settings = load_settings(None, {"database.url": qs_sqlite.db_url, "queue.url": "redis://127.0.0.1:1/0"})
-    with pytest.raises(QueueError, match=f"cannot put job {job_id} on the queue"):
-        queue.enqueue_job(settings, job_id)
-    job = qs_sqlite.job(job_id)
-    assert job.status == "failed" and job.error is not None and job.error.startswith("could not be queued")
+    with pytest.raises(QueueError, match="cannot put job 1 on the queue"):
+        queue.submit_job(settings, lambda session: jobs.create_job(session, "test-ok", {"log": "x"}))
+    cm = make_cm(qs_sqlite.db_url)
+    cm("group create news")
+    monkeypatch.setenv("CM_QUEUE_URL", "redis://127.0.0.1:1/0")
+    path = tmp_path / "people.csv"
+    path.write_text("email\nada@example.com\n")
+    run = cm(["group", "add-recipients", "news", "--csv", str(path)], ok=False)
+    assert_error(run, 8, "cannot put job")
+    assert cm("jobs list --json").json() == []
 
 
 def test_a_queued_job_whose_message_was_lost_is_sent_again(qs: QueueSetup, monkeypatch: pytest.MonkeyPatch) -> None:

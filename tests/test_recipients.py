@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -136,13 +137,23 @@ def test_update_does_not_touch_consent(cm: Cm) -> None:
     assert cm("recipient list --active --json").json() == []
 
 
-def test_export_holds_everything_about_the_person(cm: Cm) -> None:
+def test_export_holds_everything_about_the_person(cm: Cm, tmp_path: Path) -> None:
     cm("group create news")
     cm("recipient create ada@example.com --name Ada --phone 123 --attr city=Zurich --group news")
+    cm("recipient create bob@example.com")
+    named = cm("campaign create --title Named --subject S --text x --recipient ada@example.com --json").json()["id"]
+    cm("campaign create --title Other --subject S --text x --recipient bob@example.com")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nada@example.com," + "A" * 201 + "\nbob@example.com," + "B" * 201 + "\n")
+    job = cm(["group", "add-recipients", "news", "--csv", str(rows), "--wait", "--json"]).json()["id"]
     cm("recipient opt-out ada@example.com --reason 'too many mails'")
     exported = cm("recipient export ADA@example.com").json()
     shown = cm("recipient show ada@example.com --json").json()
-    assert {k: v for k, v in exported.items() if k != "consent_history"} == shown
+    extra = ("consent_history", "campaigns", "rejected_import_rows")
+    assert {k: v for k, v in exported.items() if k not in extra} == shown
+    assert exported["campaigns"] == [{"id": named, "title": "Named"}]
+    [reject] = exported["rejected_import_rows"]
+    assert (reject["job_id"], reject["line"], reject["row"]) == (job, 2, "ada@example.com," + "A" * 201)
     assert (exported["name"], exported["phone"], exported["attributes"]) == ("Ada", "123", {"city": "Zurich"})
     assert [(e["action"], e["reason"], e["source"]) for e in exported["consent_history"]] == [
         ("opt_out", "too many mails", "cm recipient opt-out")

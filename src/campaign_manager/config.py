@@ -42,6 +42,18 @@ KEYS: dict[str, tuple[Any, type, str, str]] = {
         "CM_WORKER_LEASE_SECONDS",
         "a running job not heard from this long is retaken",
     ),
+    "import.segment_rows": (
+        0,
+        int,
+        "CM_IMPORT_SEGMENT_ROWS",
+        "rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock ~0.5 s)",
+    ),
+    "jobs.keep_files_days": (
+        7.0,
+        float,
+        "CM_JOBS_KEEP_FILES_DAYS",
+        "days a finished, failed or cancelled job keeps its staged upload before workers purge it",
+    ),
     "log.level": ("warning", str, "CM_LOG_LEVEL", "debug, info, warning or error"),
     "log.format": ("text", str, "CM_LOG_FORMAT", "text or json (one JSON object a line, on stderr)"),
 }

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from campaign_manager.errors import Conflict, DatabaseError
+from campaign_manager.errors import Conflict, DatabaseError, InvalidInput
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlmodel import Session
 
 # The newest migration in migrations/versions; a test checks it against Alembic's own idea of the head.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 # A module constant so that a test can play a newer cm release (a copy of these plus one more revision).
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -144,7 +144,7 @@ def dispose_engines() -> None:
 @contextmanager
 def open_session(url: str, *, write: bool = True, migrate: bool = True) -> Iterator[Session]:
     """A session that commits on success and rolls back on error; checks (or creates) the schema first."""
-    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
     from sqlmodel import Session
 
     engine = get_engine(url, write=write)
@@ -157,6 +157,10 @@ def open_session(url: str, *, write: bool = True, migrate: bool = True) -> Itera
     except IntegrityError as exc:
         # The services check uniqueness first; this is another process writing the same row at the same time.
         raise Conflict(f"the change conflicts with another one: {_first_line(exc)}", hint="try again") from None
+    except DataError as exc:
+        # The services check every value against `limits` first; this is one they do not know (a bug, but the
+        # person still gets a line they can act on rather than the SQL).
+        raise InvalidInput(f"the database refused a value: {_first_line(exc)}") from None
     except (OperationalError, ProgrammingError) as exc:
         raise DatabaseError(f"database error on {display_url(url)}: {_first_line(exc)}") from None
 

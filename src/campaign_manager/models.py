@@ -12,6 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from campaign_manager import limits
+
 ACTIVE = "active"
 OPTED_OUT = "opted_out"
 RECIPIENT_STATUSES = (ACTIVE, OPTED_OUT)
@@ -63,10 +65,10 @@ class Recipient(SQLModel, table=True):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: int | None = Field(default=None, primary_key=True)
-    email: str = Field(max_length=320, nullable=False)
-    email_key: str = Field(max_length=320, nullable=False, unique=True)
-    name: str | None = Field(default=None, max_length=200)
-    phone: str | None = Field(default=None, max_length=50)
+    email: str = Field(max_length=limits.EMAIL, nullable=False)
+    email_key: str = Field(max_length=limits.EMAIL, nullable=False, unique=True)
+    name: str | None = Field(default=None, max_length=limits.NAME)
+    phone: str | None = Field(default=None, max_length=limits.PHONE)
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     status: str = Field(default=ACTIVE, max_length=20, nullable=False)
     opt_out_reason: str | None = Field(default=None)
@@ -81,7 +83,9 @@ class Group(SQLModel, table=True):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=200, nullable=False, unique=True)
+    name: str = Field(max_length=limits.GROUP_NAME, nullable=False, unique=True)
+    # The name as it is matched: ignoring case, as emails are (computed in Python, which folds all of Unicode).
+    name_key: str = Field(max_length=limits.GROUP_NAME, nullable=False, unique=True)
     description: str | None = Field(default=None)
     created_at: datetime = _created()
     updated_at: datetime = _created()
@@ -103,11 +107,11 @@ class Campaign(SQLModel, table=True):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: int | None = Field(default=None, primary_key=True)
-    title: str = Field(max_length=200, nullable=False)
-    subject: str = Field(max_length=998, nullable=False)
+    title: str = Field(max_length=limits.TITLE, nullable=False)
+    subject: str = Field(max_length=limits.SUBJECT, nullable=False)
     body_text: str = Field(nullable=False)
     body_html: str | None = Field(default=None)
-    from_address: str | None = Field(default=None, max_length=320)
+    from_address: str | None = Field(default=None, max_length=limits.EMAIL)
     status: str = Field(default="draft", max_length=20, nullable=False)
     created_at: datetime = _created()
     updated_at: datetime = _created()
@@ -195,3 +199,23 @@ class ImportReject(SQLModel, table=True):
     line: int = Field(nullable=False)
     raw: str = Field(nullable=False)
     reason: str = Field(nullable=False)
+
+
+class ImportKey(SQLModel, table=True):
+    """The addresses an import has applied so far. An import commits in segments; these let a later segment, or a
+    resumed run, tell a duplicate in the file from an address that was there before. Deleted when the job ends."""
+
+    __tablename__ = "import_key"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    job_id: int | None = _fk("job.id", primary_key=True)
+    key: str = Field(max_length=limits.EMAIL, primary_key=True)
+
+
+class Meta(SQLModel, table=True):
+    """Small facts about the database as a whole (when staged uploads were last purged, say)."""
+
+    __tablename__ = "cm_meta"
+
+    key: str = Field(max_length=100, primary_key=True)
+    value: str = Field(nullable=False)

@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,10 +23,13 @@ from huey.storage import PostgresStorage, RedisStorage, SqliteStorage
 
 from campaign_manager.db import is_sqlite, sqlite_path
 from campaign_manager.errors import CmError, NotFound, QueueError
-from campaign_manager.services import jobs
+from campaign_manager.services import jobs, retention
 
 if TYPE_CHECKING:
+    from sqlmodel import Session
+
     from campaign_manager.config import Settings
+    from campaign_manager.models import Job
 
 log = logging.getLogger("campaign_manager.worker")
 
@@ -164,6 +167,7 @@ def _define_task(huey: JobQueue, settings: Settings) -> Any:
     url = settings.database_url
     retries = int(settings.get("worker.retries"))
     lease = float(settings.get("worker.lease_seconds"))
+    options = {key: settings.get(key) for key in jobs.OPTION_KEYS}
 
     @huey.task(  # type: ignore[untyped-decorator]  # huey ships no type hints
         retries=retries,
@@ -174,27 +178,39 @@ def _define_task(huey: JobQueue, settings: Settings) -> Any:
     )
     def run_job_task(job_id: int, task: Any = None) -> str:
         retries_left = int(task.retries) if task is not None else 0
-        return _run(url, job_id, retries_left=retries_left, max_attempts=retries + 1, lease=lease)
+        return _run(url, job_id, retries_left=retries_left, max_attempts=retries + 1, lease=lease, options=options)
 
     return run_job_task
 
 
-def _run(url: str, job_id: int, *, retries_left: int, max_attempts: int, lease: float) -> str:
+# A message can arrive before the transaction that saved its job commits (submit_job queues it first, so that a
+# command that fails leaves no job behind): wait this long for the job to appear before dropping the message.
+NOT_YET_SAVED_S = 5.0
+
+
+def _run(url: str, job_id: int, *, retries_left: int, max_attempts: int, lease: float, options: dict[str, Any]) -> str:
     _outcome.value = ERROR
-    try:
-        attempt = jobs.attempt_job(
-            url,
-            job_id,
-            worker=jobs.worker_name(),
-            retry=retries_left > 0,
-            max_attempts=max_attempts,
-            lease_seconds=lease,
-            on_start=_log_start,
-        )
-    except NotFound:
-        log.warning("job %d does not exist; its queue message is dropped", job_id)
-        _outcome.value = jobs.SKIPPED
-        return jobs.SKIPPED
+    deadline = time.monotonic() + NOT_YET_SAVED_S
+    while True:
+        try:
+            attempt = jobs.attempt_job(
+                url,
+                job_id,
+                worker=jobs.worker_name(),
+                retry=retries_left > 0,
+                max_attempts=max_attempts,
+                lease_seconds=lease,
+                on_start=_log_start,
+                options=options,
+            )
+            break
+        except NotFound:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            log.warning("job %d does not exist; its queue message is dropped", job_id)
+            _outcome.value = jobs.SKIPPED
+            return jobs.SKIPPED
     _log_end(attempt)
     _outcome.value = attempt.outcome
     if attempt.outcome == jobs.RETRY:
@@ -228,25 +244,30 @@ def _log_end(attempt: jobs.Attempt) -> None:
 
 
 def enqueue_job(settings: Settings, job_id: int, *, huey: JobQueue | None = None) -> None:
-    """Put a job (committed, queued) on the queue. If the queue cannot take it, the job is marked failed, so that
-    it is not left queued with nothing on the queue to run it, and QueueError is raised."""
+    """Put a job's message on the queue; QueueError if the queue cannot take it."""
     own = huey is None
     try:
         if huey is None:
             huey = get_huey(settings, blocking=False)
         _enqueue(huey, job_id)
-    except QueueError as exc:
-        from campaign_manager.db import open_session
-        from campaign_manager.models import JOB_FAILED, JOB_QUEUED, Job, utcnow
-
-        with open_session(settings.database_url) as session:
-            job = session.get(Job, job_id)
-            if job is not None and job.status == JOB_QUEUED:
-                job.status, job.error, job.finished_at = JOB_FAILED, f"could not be queued: {exc.message}", utcnow()
-        raise
     finally:
         if own and huey is not None:
             close_huey(huey)
+
+
+def submit_job(settings: Settings, save: Callable[[Session], Job]) -> Job:
+    """Save a job (`save(session)` creates it and stages its input) and queue it, all or nothing: the message goes
+    on the queue inside the transaction that saves the job, so a command that reports a failure (the queue is
+    down, the disk is full at the commit) leaves no job behind. A message that outruns the commit waits for it
+    (NOT_YET_SAVED_S); one whose job never commits is dropped by the worker."""
+    from campaign_manager.db import open_session
+
+    with open_session(settings.database_url) as session:
+        job = save(session)
+        session.flush()
+        assert job.id is not None
+        enqueue_job(settings, job.id)
+    return job
 
 
 def _enqueue(huey: JobQueue, job_id: int) -> None:
@@ -288,6 +309,18 @@ def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
     return orphans
 
 
+def purge_old_files(settings: Settings) -> None:
+    """Purge staged uploads past `jobs.keep_files_days`, if no process did in the last hour."""
+    days = float(settings.get("jobs.keep_files_days"))
+    try:
+        purged = retention.purge_if_due(settings.database_url, older_than_days=days)
+    except CmError as exc:
+        log.warning("could not purge old staged uploads: %s", exc.message)
+        return
+    if purged:
+        log.info("purged the staged uploads of %d job(s) that ended long ago", len(purged))
+
+
 def release_jobs(settings: Settings, huey: JobQueue) -> list[int]:
     """Give back the jobs this process is running (a worker stopping before they finish)."""
     released = jobs.release_jobs(settings.database_url, enqueue=lambda job_id: _enqueue(huey, job_id))
@@ -305,6 +338,7 @@ def run_worker(settings: Settings, *, workers: int, grace: float) -> list[int]:
     huey = get_huey(settings)
     try:
         recover_jobs(settings, huey)
+        purge_old_files(settings)
         consumer = huey.create_consumer(
             workers=workers,
             worker_type="thread",
@@ -337,6 +371,7 @@ def _keep_recovering(settings: Settings, huey: JobQueue, stopped: threading.Even
             recover_jobs(settings, huey)
         except CmError as exc:
             log.warning("could not look for stale jobs: %s", exc.message)
+        purge_old_files(settings)
 
 
 @dataclass
@@ -363,6 +398,7 @@ def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> Drain
     report, lock, stop = DrainReport(), threading.Lock(), threading.Event()
     try:
         report.recovered = recover_jobs(settings, huey)
+        purge_old_files(settings)
         threads = [
             threading.Thread(target=_drain_loop, args=(huey, stop, report, lock), name=f"drain-{i}", daemon=True)
             for i in range(max(workers, 1))

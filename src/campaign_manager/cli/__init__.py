@@ -24,7 +24,7 @@ NOUNS: dict[str, str] = {
     "db": "Inspect and migrate the database schema.",
     "config": "Show the effective configuration.",
     "plugins": "List notifier plugins.",
-    "jobs": "List, inspect and cancel background jobs.",
+    "jobs": "List, inspect, cancel, retry and purge background jobs.",
     "worker": "Run queued jobs (imports, sends), for good or until the queue is empty.",
 }
 

@@ -15,6 +15,8 @@ from campaign_manager.cli._common import emit, info, print_record, state
 if TYPE_CHECKING:
     from sqlmodel import Session
 
+    from campaign_manager.models import Job
+
 Wait = Annotated[bool, typer.Option("--wait", help="Import now, in this process, with a progress bar")]
 EmailColumn = Annotated[str | None, typer.Option("--email-column", help="The email column's header")]
 Delimiter = Annotated[str | None, typer.Option("--delimiter", help="Field delimiter (default: sniffed)")]
@@ -49,37 +51,52 @@ def progress_bar(ctx: typer.Context, description: str) -> Iterator[Callable[[int
         yield update
 
 
-def run_import(
-    ctx: typer.Context,
-    stage: Callable[[Session], Any],
-    *,
-    wait: bool,
-    as_json: bool,
-) -> None:
-    """`stage(session)` stages the job (and whatever else the command creates) and returns it."""
-    from campaign_manager.models import Job
+def queue_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> Job:
+    """Stage the job (and whatever else the command creates) and queue it, all or nothing."""
+    from campaign_manager.queue import submit_job
+
+    job = submit_job(state(ctx).settings, stage)
+    info(ctx, f"queued import job {job.id}; `cm worker --drain` runs it, `cm jobs show {job.id}` tells how it went")
+    return job
+
+
+def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str, Any]:
+    """Stage the job and run it here with a progress bar; its description once it ended. Ctrl-C or SIGTERM stops
+    it at once: the job is cancelled with what it committed, one line says so, and the command exits 130 or 143.
+    A job that failed raises JobFailed after its summary."""
     from campaign_manager.services import jobs
 
     st = state(ctx)
-    url = st.settings.database_url
     with st.session() as session:
-        job_id = int(stage(session).id)
+        job_id = int(stage(session).id or 0)
+    options = {key: st.settings.get(key) for key in jobs.OPTION_KEYS}
+    with progress_bar(ctx, f"importing (job {job_id})") as update:
+        attempt, signum = jobs.run_in_foreground(
+            st.settings.database_url, job_id, worker="cm --wait", progress=update, options=options
+        )
+    data = jobs.describe_job(attempt.job)
+    if signum and data["status"] == "cancelled":
+        applied = data["counts"].get("read", 0)
+        info(
+            ctx,
+            f"interrupted: import job {job_id} cancelled after {applied:,} rows were applied;"
+            f" `cm jobs retry {job_id}` imports the rest",
+        )
+        raise typer.Exit(128 + signum)
+    summarize(ctx, data)
+    if data["status"] != "done":
+        from campaign_manager.errors import JobFailed
+
+        raise JobFailed(f"import job {job_id} {data['status']}: {data['error']}")
+    return data
+
+
+def run_import(ctx: typer.Context, stage: Callable[[Session], Job], *, wait: bool, as_json: bool) -> None:
+    """`group add-recipients --csv`: with --wait the job as it ended (a record, or JSON); queued, its id."""
     if wait:
-        with progress_bar(ctx, f"importing (job {job_id})") as update:
-            job = jobs.run_job(url, job_id, worker="cm --wait", progress=update)
-        with st.session(write=False) as session:
-            data = jobs.describe_job(session.get(Job, job_id) or job)
-        summarize(ctx, data)
-        emit(data, as_json=as_json, render=print_record)
-        if data["status"] != "done":
-            from campaign_manager.errors import JobFailed
-
-            raise JobFailed(f"import job {job_id} failed: {data['error']}")
+        emit(wait_import(ctx, stage), as_json=as_json, render=print_record)
         return
-    from campaign_manager.queue import enqueue_job
-
-    enqueue_job(st.settings, job_id)
-    info(ctx, f"queued import job {job_id}; `cm worker --drain` runs it, `cm jobs show {job_id}` tells how it went")
+    job_id = queue_import(ctx, stage).id
     if as_json:
         emit({"id": job_id, "status": "queued"}, as_json=True, render=print_record)
     else:

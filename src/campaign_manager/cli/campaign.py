@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
-from campaign_manager.cli._imports import Delimiter, EmailColumn, Encoding, UpdateExisting, Wait, run_import
+from campaign_manager.cli._imports import (
+    Delimiter,
+    EmailColumn,
+    Encoding,
+    UpdateExisting,
+    Wait,
+    queue_import,
+    wait_import,
+)
 from campaign_manager.errors import InvalidInput
 from campaign_manager.files import read_text
 
@@ -74,27 +82,42 @@ def create(
             recipients=recipient or (),
         )
 
-    if recipients_csv is not None:
-        from campaign_manager.services.imports import stage_import
-
-        def stage(session: Session) -> Job:
-            campaign = make(session)
-            info(ctx, f"created campaign {campaign.id}")
-            return stage_import(
-                session,
-                recipients_csv,
-                campaign_id=campaign.id,
-                email_column=email_column,
-                delimiter=delimiter,
-                encoding=encoding,
-                update_existing=update_existing,
-            )
-
-        run_import(ctx, stage, wait=wait, as_json=as_json)
+    if recipients_csv is None:
+        with state(ctx).session() as session:
+            data = campaigns.describe_campaigns(session, [make(session)])[0]
+        emit(data, as_json=as_json, render=print_record)
         return
-    with state(ctx).session() as session:
-        data = campaigns.describe_campaigns(session, [make(session)])[0]
-    emit(data, as_json=as_json, render=print_record)
+
+    from campaign_manager.services.imports import stage_import
+
+    made: list[int] = []
+
+    def stage(session: Session) -> Job:
+        campaign = make(session)
+        made.append(int(campaign.id or 0))
+        return stage_import(
+            session,
+            recipients_csv,
+            campaign_id=campaign.id,
+            email_column=email_column,
+            delimiter=delimiter,
+            encoding=encoding,
+            update_existing=update_existing,
+        )
+
+    # The campaign is what this command makes: its id on stdout, as without a file; the import job on stderr.
+    if wait:
+        job = wait_import(ctx, stage)
+        extra = {"job_id": job["id"], "import": {"status": job["status"], "counts": job["counts"]}}
+    else:
+        extra = {"job_id": queue_import(ctx, stage).id}
+    info(ctx, f"created campaign {made[0]}")
+    with state(ctx).session(write=False) as session:
+        data = {**campaigns.describe_campaigns(session, [campaigns.get_campaign(session, made[0])])[0], **extra}
+    if as_json:
+        emit(data, as_json=True, render=print_record)
+    else:
+        typer.echo(made[0])
 
 
 @app.command("list")

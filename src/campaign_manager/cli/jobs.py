@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ from campaign_manager.cli._common import JsonOption, emit, info, print_record, p
 
 app = typer.Typer(
     name="jobs",
-    help="List, inspect and cancel background jobs.\n\nExample: cm jobs list --status failed",
+    help="List, inspect, cancel, retry and purge background jobs.\n\nExample: cm jobs list --status failed",
     no_args_is_help=True,
 )
 
@@ -73,32 +74,75 @@ def show(
     from campaign_manager.services import imports, jobs
 
     with state(ctx).session(write=False) as session:
-        job = jobs.get_job(session, job_id)
-        data = jobs.describe_job(job)
-        if rejects or rejects_file is not None:
-            if job.kind != imports.KIND:
+        if rejects_file is not None:
+            try:
+                with rejects_file.open("w", encoding="utf-8", newline="") as out:
+                    written, cut = imports.write_rejects_file(session, job_id, out)
+            except OSError as exc:
                 from campaign_manager.errors import InvalidInput
 
-                raise InvalidInput(f"job {job_id} is a {job.kind} job; only imports have rejected rows")
-            if rejects_file is not None:
-                try:
-                    with rejects_file.open("w", encoding="utf-8", newline="") as out:
-                        n = imports.write_rejects_csv(session, job, out)
-                except OSError as exc:
-                    from campaign_manager.errors import InvalidInput
-
-                    raise InvalidInput(f"cannot write {rejects_file}: {exc.strerror}") from None
-                info(ctx, f"wrote {n} rejected rows to {rejects_file}")
-            if rejects:
-                import csv
-                import sys
-
-                writer = csv.writer(sys.stdout, lineterminator="\n")
-                writer.writerow(["line", "reason", "row"])
-                for reject in imports.list_rejects(session, job_id):
-                    writer.writerow([reject.line, reject.reason, reject.raw])
+                raise InvalidInput(f"cannot write {rejects_file}: {exc.strerror}") from None
+            left_out = f" ({cut} too long to keep whole are left out: see --rejects)" if cut else ""
+            info(ctx, f"wrote {written} rejected rows to {rejects_file}{left_out}")
+        if rejects:
+            imports.write_rejects(session, job_id, sys.stdout)
+        if rejects or rejects_file is not None:
             return
+        data = jobs.describe_job(jobs.get_job(session, job_id))
     emit(data, as_json=as_json, render=render_job)
+
+
+@app.command("retry")
+def retry(
+    ctx: typer.Context,
+    job_id: JobId,
+    wait: Annotated[bool, typer.Option("--wait", help="Run it now, in this process, with a progress bar")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a failed or cancelled job again; an import goes on after the part it had committed.
+
+    Example: cm jobs retry 12 --wait
+    """
+    from campaign_manager.services import jobs
+
+    if wait:
+        from campaign_manager.cli._imports import wait_import
+
+        emit(wait_import(ctx, lambda session: jobs.retry_job(session, job_id)), as_json=as_json, render=render_job)
+        return
+    from campaign_manager.queue import submit_job
+
+    job = submit_job(state(ctx).settings, lambda session: jobs.retry_job(session, job_id))
+    info(ctx, f"queued job {job_id} again; `cm worker --drain` runs it")
+    if as_json:
+        emit(jobs.describe_job(job), as_json=True, render=render_job)
+
+
+@app.command("purge")
+def purge(
+    ctx: typer.Context,
+    older_than: Annotated[
+        float | None,
+        typer.Option("--older-than", min=0, help="Days since the job ended (default: jobs.keep_files_days)"),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete the staged uploads of jobs that ended (done, failed or cancelled) more than DAYS ago.
+
+    Workers and drains do this by themselves at most hourly, after jobs.keep_files_days; a purged job cannot be
+    retried.
+
+    Example: cm jobs purge --older-than 0
+    """
+    from campaign_manager.services import retention
+
+    st = state(ctx)
+    days = float(st.settings.get("jobs.keep_files_days")) if older_than is None else older_than
+    with st.session() as session:
+        purged = retention.purge_files(session, older_than_days=days)
+    info(ctx, f"purged the staged uploads of {len(purged)} job(s)" + (f": {purged}" if purged else ""))
+    if as_json:
+        emit({"purged": purged}, as_json=True, render=print_record)
 
 
 @app.command("cancel")

@@ -169,7 +169,8 @@ def opt_out(
     with state(ctx).session() as session:
         person, changed = consent.opt_out(session, email, reason=reason, source="cm recipient opt-out")
         data = recipients.describe_many(session, [person])[0]
-    info(ctx, f"{data['email']} {'opted out' if changed else 'was already opted out'}")
+    # People are named by id on stderr: a terminal's scrollback and a log outlive `forget`.
+    info(ctx, f"recipient {data['id']} {'opted out' if changed else 'was already opted out'}")
     emit(data, as_json=as_json, render=print_record)
 
 
@@ -189,7 +190,7 @@ def opt_in(
     with state(ctx).session() as session:
         person, changed = recipients.opt_in_address(session, ref, reason=reason, source="cm recipient opt-in")
         data = recipients.describe_many(session, [person])[0]
-    info(ctx, f"{data['email']} {'opted in' if changed else 'was already active'}")
+    info(ctx, f"recipient {data['id']} {'opted in' if changed else 'was already active'}")
     emit(data, as_json=as_json, render=print_record)
 
 
@@ -208,19 +209,22 @@ def export(ctx: typer.Context, ref: Ref) -> None:
 
 
 @app.command("forget")
-def forget(
-    ctx: typer.Context,
-    ref: Ref,
-    reason: Annotated[str | None, typer.Option(help="Why, for the consent log")] = "erasure request",
-    as_json: JsonOption = False,
-) -> None:
+def forget(ctx: typer.Context, ref: Ref, as_json: JsonOption = False) -> None:
     """Erase a person's data (GDPR); only a hash of the address is kept, so nothing brings them back.
+
+    Works for an address no recipient holds yet (one a queued import would add, say): it is suppressed all the
+    same, and taken out of every staged upload and rejected import row.
 
     Example: cm recipient forget bob@example.com
     """
     from campaign_manager.services import recipients
 
     with state(ctx).session() as session:
-        data = recipients.forget_recipient(session, ref, reason=reason, source="cm recipient forget")
-    info(ctx, f"forgot recipient {data['id']}; the address is suppressed for good")
+        data = recipients.forget_recipient(session, ref, source="cm recipient forget")
+    who = f"recipient {data['id']}" if data["id"] is not None else "the address (no recipient held it)"
+    if not data["changed"]:
+        info(ctx, "that address was already forgotten")
+    else:
+        uploads = f"; taken out of {data['staged_uploads']} staged upload(s)" if data["staged_uploads"] else ""
+        info(ctx, f"forgot {who}; the address is suppressed for good{uploads}")
     emit(data, as_json=as_json, render=print_record)

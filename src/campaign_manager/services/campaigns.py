@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
+from campaign_manager import limits
 from campaign_manager.errors import InvalidInput, NotFound
 from campaign_manager.models import Campaign, CampaignGroup, CampaignRecipient, Group, GroupMember, Recipient
 from campaign_manager.services import consent
@@ -44,6 +45,8 @@ def create_campaign(
         raise InvalidInput("the subject must be one line")
     if not text.strip():
         raise InvalidInput("the text body is empty")
+    limits.check("the title", title.strip(), limits.TITLE)
+    limits.check("the subject", subject.strip(), limits.SUBJECT)
     sender = normalize_email(from_address) if from_address else None
     target_groups = [get_group(session, ref) for ref in groups]
     target_people = [get_recipient(session, ref) for ref in recipients]

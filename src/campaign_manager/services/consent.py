@@ -12,8 +12,9 @@ import logging
 from typing import Any
 
 from sqlalchemy import ColumnElement
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, delete, select, update
 
+from campaign_manager import limits
 from campaign_manager.errors import ConsentError, NotFound
 from campaign_manager.models import (
     ACTIVE,
@@ -44,10 +45,11 @@ def suppressed_hashes(session: Session) -> set[str]:
     return set(session.exec(select(Suppression.email_hash)).all())
 
 
-def refuse_if_forgotten(session: Session, key: str, email: str) -> None:
+def refuse_if_forgotten(session: Session, key: str) -> None:
     if is_forgotten(session, key):
+        # The message does not repeat the address: it was erased, and this line may end up in a log.
         raise ConsentError(
-            f"{email} was forgotten (erased on request) and cannot be added again",
+            "that address was forgotten (erased on request) and cannot be added again",
             hint="only `cm recipient opt-in` by the person themselves lifts this",
         )
 
@@ -73,6 +75,7 @@ def opt_out(session: Session, email: str, *, reason: str | None, source: str) ->
     """Opt an address out. An address not in the database is recorded as an opted-out recipient, so that a later
     create or import cannot mail it. `email` may also be a recipient id. Returns the recipient and whether
     anything changed."""
+    limits.check("the reason", reason, limits.REASON)
     if email.strip().isdigit():
         recipient = session.get(Recipient, int(email.strip()))
         if recipient is None:
@@ -84,7 +87,7 @@ def opt_out(session: Session, email: str, *, reason: str | None, source: str) ->
         recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
     if recipient is None:
         if is_forgotten(session, key):
-            raise ConsentError(f"{normalized} was forgotten; it is already never mailed")
+            raise ConsentError("that address was forgotten; it is already never mailed")
         recipient = Recipient(email=normalized, email_key=key, status=OPTED_OUT)
         session.add(recipient)
     elif recipient.status == OPTED_OUT:
@@ -99,6 +102,7 @@ def opt_out(session: Session, email: str, *, reason: str | None, source: str) ->
 
 def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> bool:
     """The only way back to `active`. Returns whether anything changed."""
+    limits.check("the reason", reason, limits.REASON)
     if recipient.status == ACTIVE:
         return False
     now = utcnow()
@@ -117,6 +121,7 @@ def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source
 
 def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source: str) -> bool:
     """Lift an erasure for an address the person gives again (they asked to come back)."""
+    limits.check("the reason", reason, limits.REASON)
     key = email_key(normalize_email(email))
     row = session.get(Suppression, email_hash(key))
     if row is None:
@@ -126,27 +131,42 @@ def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source
     return True
 
 
-def forget(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> str:
+def forget(session: Session, key: str, *, recipient: Recipient | None, source: str) -> tuple[str, bool]:
     """Erase a person: their row, memberships and audience links go (by cascade); their consent events lose the
-    link to them; rejected import rows that mention the address go too; a suppression entry keeps the address
-    from coming back. Returns the hash kept."""
-    from sqlalchemy import func
+    link to them and every free-text reason (what stays of each is its action, source and time); a suppression
+    entry keeps the address from coming back. Works for an address no recipient holds yet (one known only to a
+    queued import, say): it is suppressed all the same. Returns the hash kept, and whether anything changed."""
+    from campaign_manager.models import CampaignRecipient, GroupMember
 
-    from campaign_manager.models import CampaignRecipient, GroupMember, ImportReject
-
-    key = recipient.email_key
     digest = email_hash(key)
-    session.exec(delete(GroupMember).where(col(GroupMember.recipient_id) == recipient.id))
-    session.exec(delete(CampaignRecipient).where(col(CampaignRecipient.recipient_id) == recipient.id))
-    session.exec(delete(ImportReject).where(func.lower(col(ImportReject.raw)).contains(key, autoescape=True)))
-    for event in session.exec(select(ConsentEvent).where(ConsentEvent.recipient_id == recipient.id)).all():
-        event.recipient_id = None
-    session.delete(recipient)
-    if session.get(Suppression, digest) is None:
-        session.add(Suppression(email_hash=digest, reason=reason))
+    already = session.get(Suppression, digest) is not None
+    if not already:
+        # First, so that on PostgreSQL the lock this takes on `suppression` comes before any on the person's rows:
+        # an import segment takes that lock before it writes recipients (import_sql), so neither waits on the other
+        # while holding what the other needs.
+        session.add(Suppression(email_hash=digest, reason=None))
+        session.flush()
+    if recipient is not None:
+        session.exec(delete(GroupMember).where(col(GroupMember.recipient_id) == recipient.id))
+        session.exec(delete(CampaignRecipient).where(col(CampaignRecipient.recipient_id) == recipient.id))
+        session.exec(
+            update(ConsentEvent)
+            .where(col(ConsentEvent.recipient_id) == recipient.id)
+            .values(recipient_id=None)
+            .execution_options(synchronize_session=False)
+        )
+        session.delete(recipient)
+    session.exec(
+        update(ConsentEvent)
+        .where(col(ConsentEvent.email_hash) == digest)
+        .values(reason=None)
+        .execution_options(synchronize_session=False)
+    )
+    if already and recipient is None:
+        return digest, False
     session.flush()
-    _record(session, key=key, recipient_id=None, action=FORGET, reason=reason, source=source)
-    return digest
+    _record(session, key=key, recipient_id=None, action=FORGET, reason=None, source=source)
+    return digest, True
 
 
 def history(session: Session, recipient: Recipient) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from campaign_manager import limits
 from campaign_manager.errors import Conflict, InvalidInput, NotFound
 from campaign_manager.models import OPTED_OUT, Group, GroupMember, Recipient, utcnow
 from campaign_manager.services import consent
@@ -25,9 +26,14 @@ CREATED, ADDED, ALREADY_MEMBER, INVALID, SUPPRESSED, DUPLICATE = (
 )
 
 
+def name_key(name: str) -> str:
+    """How a group name is matched: ignoring case, as emails are."""
+    return name.strip().lower()
+
+
 def find_group(session: Session, ref: str | int) -> Group | None:
     text = str(ref).strip()
-    group = session.exec(select(Group).where(Group.name == text)).first()
+    group = session.exec(select(Group).where(Group.name_key == name_key(text))).first()
     if group is None and text.isdigit():
         group = session.get(Group, int(text))
     return group
@@ -46,14 +52,20 @@ def _check_name(name: str) -> str:
         raise InvalidInput("a group name cannot be empty")
     if name.isdigit():
         raise InvalidInput(f"group name {name!r} is all digits, which would read as an id")
+    limits.check("the group name", name, limits.GROUP_NAME)
     return name
+
+
+def _check_description(description: str | None) -> str | None:
+    return limits.check("the description", description, limits.DESCRIPTION)
 
 
 def create_group(session: Session, name: str, *, description: str | None = None) -> Group:
     name = _check_name(name)
-    if find_group(session, name) is not None:
-        raise Conflict(f"a group named {name!r} already exists")
-    group = Group(name=name, description=description)
+    existing = find_group(session, name)
+    if existing is not None:
+        raise Conflict(f"a group named {existing.name!r} already exists", hint="names are matched ignoring case")
+    group = Group(name=name, name_key=name_key(name), description=_check_description(description))
     session.add(group)
     try:
         session.flush()
@@ -66,11 +78,12 @@ def update_group(session: Session, ref: str | int, *, name: str | None = None, d
     group = get_group(session, ref)
     if name is not None and name.strip() != group.name:
         name = _check_name(name)
-        if find_group(session, name) is not None:
-            raise Conflict(f"a group named {name!r} already exists")
-        group.name = name
+        existing = find_group(session, name)
+        if existing is not None and existing.id != group.id:
+            raise Conflict(f"a group named {existing.name!r} already exists", hint="names are matched ignoring case")
+        group.name, group.name_key = name, name_key(name)
     if description is not None:
-        group.description = description or None
+        group.description = _check_description(description) or None
     group.updated_at = utcnow()
     session.flush()
     return group

@@ -13,7 +13,6 @@ error that stopped it. This module imports neither SQLAlchemy nor the CLI: the h
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import pickle
 import queue
@@ -25,8 +24,16 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any, NamedTuple
 
+from campaign_manager import limits
 from campaign_manager.errors import InvalidInput
-from campaign_manager.services.csvfile import ChunkStream, CsvLayout, format_row, iter_batches
+from campaign_manager.services.csvfile import (
+    CsvLayout,
+    RecordBatch,
+    format_row,
+    keep_raw,
+    read_records,
+    unquote_cells,
+)
 from campaign_manager.services.emails import PLAIN_ADDRESS, check_email, email_hash
 
 CHUNK_BYTES = 1 << 20
@@ -43,72 +50,91 @@ class Batch(NamedTuple):
     rejects: list[tuple[int, str, str]]  # (line, the record as written, reason)
     read: int  # records read, valid or not
     position: int  # bytes of the file consumed so far
+    last_line: int  # the last line of the file this batch read: an import resumes after it
 
 
-def parse(layout: CsvLayout, chunks: Iterator[bytes], forgotten: set[str], batch_rows: int) -> Iterator[Batch]:
-    """Every row of the file, parsed and validated, in batches. Raises InvalidInput naming the line where the file
-    breaks."""
+def parse(
+    layout: CsvLayout, chunks: Iterator[bytes], forgotten: set[str], batch_rows: int, *, skip_through: int = 0
+) -> Iterator[Batch]:
+    """Every row of the file after line `skip_through`, parsed and validated, in batches."""
     parser = Parser(layout, forgotten)
-    for lines, rows, position in read_records(layout, chunks, batch_rows):
-        yield parser.batch(lines, rows, position)
-
-
-def read_records(
-    layout: CsvLayout, chunks: Iterator[bytes], batch_rows: int
-) -> Iterator[tuple[list[int], list[list[str]], int]]:
-    """The file's records in batches: (the line where each starts, the records, bytes consumed so far)."""
-    stream = ChunkStream(chunks)
-    for lines, rows in iter_batches(io.BufferedReader(stream, CHUNK_BYTES), layout, batch_rows):
-        yield lines, rows, stream.position
+    for records in read_records(chunks, layout, batch_rows, skip_through=skip_through):
+        yield parser.batch(records)
 
 
 class Parser:
     """Turns a batch of records into rows to stage: the import's hot path. Each batch goes through comprehensions
     and map() (no Python-level call per row); only addresses the PLAIN_ADDRESS pattern does not take, about 2% of
-    a typical file, are checked one by one by email-validator."""
+    a typical file, are checked one by one by email-validator, and only cells over a length limit one by one."""
 
     def __init__(self, layout: CsvLayout, forgotten: set[str]) -> None:
         self.layout, self.forgotten = layout, forgotten
         self.width = max([layout.email_index, layout.name_index or 0, *(i for i, _ in layout.attributes)]) + 1
 
-    def batch(self, lines: list[int], rows: list[list[str]], position: int) -> Batch:
+    def batch(self, records: RecordBatch) -> Batch:
         layout, forgotten, width = self.layout, self.forgotten, self.width
         ei, ni = layout.email_index, layout.name_index
+        lines, rows = records.lines, records.rows
+        rejects = list(records.rejects)
+        read = len(rows) + len(rejects)
+        if not rows:
+            return Batch([], rejects, read, records.position, records.last_line)
         original = rows
         if min(map(len, rows)) < width:
             rows = [r if len(r) >= width else r + [""] * (width - len(r)) for r in rows]
-        emails = [r[ei].strip() for r in rows]
+        emails = [e.strip() for e in unquote_cells([r[ei] for r in rows])]
         # 0: a plain address, which the apply step normalizes (lowercases its domain) in SQL; 1: normalized here.
         normalized = [0 if m else 1 for m in map(PLAIN_ADDRESS.fullmatch, emails)]
-        rejected: list[int] = []
-        rejects: list[tuple[int, str, str]] = []
+        problems: dict[int, str] = {}
         for i in [i for i, slow in enumerate(normalized) if slow]:
             emails[i], reason = check_email(emails[i])
             if reason is not None:
-                rejected.append(i)
-                rejects.append((lines[i], format_row(original[i], layout.delimiter), reason))
+                problems[i] = reason
+        names: list[str | None] = [None] * len(rows)
+        if ni is not None:
+            cells = [c.strip() for c in unquote_cells([r[ni] for r in rows])]
+            names = [c or None for c in cells]
+            _too_long(problems, "the name", cells, limits.NAME)
+        columns = [(key, unquote_cells([r[i] for r in rows])) for i, key in layout.attributes]
+        for key, cells in columns:
+            _too_long(problems, f"attribute {key[:40]!r}", cells, limits.ATTRIBUTE_VALUE)
         keys = [e.lower() for e in emails]
         # Most addresses are already lowercase: stage no second copy of those (SQL takes the key).
         stored = [None if e == k else e for e, k in zip(emails, keys, strict=True)]
         gone = [1 if email_hash(k) in forgotten else 0 for k in keys] if forgotten else [0] * len(keys)
-        names = [r[ni].strip() or None for r in rows] if ni is not None else [None] * len(rows)
-        attrs = json_objects(rows, layout.attributes)
+        attrs = json_columns(columns, len(rows))
         staged = list(zip(lines, keys, stored, names, gone, normalized, attrs, strict=True))
-        if rejected:
-            drop = set(rejected)
-            staged = [row for i, row in enumerate(staged) if i not in drop]
-        return Batch(staged, rejects, len(rows), position)
+        if problems:
+            for i in sorted(problems):
+                rejects.append((lines[i], *keep_raw(format_row(original[i], layout.delimiter), problems[i])))
+            staged = [row for i, row in enumerate(staged) if i not in problems]
+        return Batch(staged, rejects, read, records.position, records.last_line)
+
+
+def _too_long(problems: dict[int, str], what: str, cells: list[str], limit: int) -> None:
+    """Note each cell longer than `limit` as its row's problem (a row keeps the first one found)."""
+    if max(map(len, cells)) <= limit:  # the usual case, in C
+        return
+    for i, cell in enumerate(cells):
+        reason = limits.too_long(what, cell, limit)
+        if reason is not None:
+            problems.setdefault(i, reason)
 
 
 def json_objects(rows: list[list[str]], columns: list[tuple[int, str]]) -> list[str]:
-    """Each row's attribute columns as the text of a JSON object; an empty cell adds no key. Built column by
-    column with json's C string encoder (building it in SQL cost a third of the recipient insert)."""
+    """Each row's attribute columns as the text of a JSON object (see json_columns)."""
+    return json_columns([(name, [r[i] for r in rows]) for i, name in columns], len(rows))
+
+
+def json_columns(columns: list[tuple[str, list[str]]], count: int) -> list[str]:
+    """The text of a JSON object for each of `count` rows, from (key, cells) columns; an empty cell adds no key.
+    Built column by column with json's C string encoder (building it in SQL cost a third of the recipient insert)."""
     if not columns:
-        return ["{}"] * len(rows)
+        return ["{}"] * count
     pairs = []
-    for i, name in columns:
+    for name, cells in columns:
         key = _encode(name) + ":"
-        pairs.append([key + _encode(r[i]) if r[i] else None for r in rows])
+        pairs.append([key + _encode(cell) if cell else None for cell in cells])
     objects = zip(*pairs, strict=True)
     return ["{" + ",".join(t) + "}" if None not in t else "{" + ",".join(filter(None, t)) + "}" for t in objects]
 
@@ -159,12 +185,13 @@ def main() -> int:
     layout = CsvLayout.from_args(settings["layout"])
     parser = Parser(layout, settings["forgotten"])
     every = settings["share_every"]
+    records = read_records(chunks(), layout, settings["batch_rows"], skip_through=settings["skip_through"])
     try:
-        for n, (lines, rows, position) in enumerate(read_records(layout, chunks(), settings["batch_rows"]), 1):
+        for n, batch in enumerate(records, 1):
             if not every or n % every:
-                _send(out, ("batch", parser.batch(lines, rows, position)))
+                _send(out, ("batch", parser.batch(batch)))
             else:  # the job's process validates this one: its share of the work
-                _send(out, ("records", lines, rows, position))
+                _send(out, ("records", batch))
     except InvalidInput as exc:
         _send(out, ("error", exc.message, exc.hint))
     else:
@@ -184,7 +211,14 @@ class ParseProcess:
     stops the helper if it is still running."""
 
     def __init__(
-        self, layout: CsvLayout, chunks: Iterator[bytes], forgotten: set[str], batch_rows: int, share_every: int = 0
+        self,
+        layout: CsvLayout,
+        chunks: Iterator[bytes],
+        forgotten: set[str],
+        batch_rows: int,
+        share_every: int = 0,
+        *,
+        skip_through: int = 0,
     ) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", __name__],
@@ -198,6 +232,7 @@ class ParseProcess:
             "forgotten": forgotten,
             "batch_rows": batch_rows,
             "share_every": share_every,
+            "skip_through": skip_through,
         }
         self._received: queue.Queue[bytes | None] = queue.Queue(maxsize=BUFFERED_BATCHES)
         self._send_error: BaseException | None = None
@@ -246,7 +281,7 @@ class ParseProcess:
             if message[0] == "batch":
                 yield message[1]
             elif message[0] == "records":
-                yield self._parser.batch(*message[1:])
+                yield self._parser.batch(message[1])
             elif message[0] == "end":
                 self._finished = True
                 return

@@ -12,24 +12,21 @@ committed and returns its counts, or starts over.
 from __future__ import annotations
 
 import codecs
+import csv
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from campaign_manager.errors import InvalidInput, NotFound
 from campaign_manager.files import open_input
-from campaign_manager.models import ImportReject, Job, JobFile
-from campaign_manager.services import consent
-from campaign_manager.services.csvfile import (
-    SAMPLE_BYTES,
-    CsvLayout,
-    format_row,
-    inspect_csv,
-)
+from campaign_manager.models import ImportReject, Job, JobFile, utcnow
+from campaign_manager.services import consent, jobs
+from campaign_manager.services.csvfile import CUT_NOTE, SAMPLE_BYTES, CsvLayout, inspect_csv, neutralise, split_row
 from campaign_manager.services.import_parse import BATCH_ROWS, CHUNK_BYTES, Batch, ParseProcess, parse
 
 if TYPE_CHECKING:
@@ -78,7 +75,7 @@ def stage_import(
         target = {"type": "campaign", "id": campaign_id}
     stream, name = _open_source(source, stdin)
     try:
-        head = _read_full(stream, SAMPLE_BYTES)
+        head = _read_full(stream, SAMPLE_BYTES + 1)  # one byte more tells whether the sample is the whole file
         layout = inspect_csv(head, name=name, encoding=encoding, delimiter=delimiter, email_column=email_column)
         args = {
             "source": name,
@@ -133,7 +130,7 @@ def _copy_chunks(session: Session, job: Job, head: bytes, stream: IO[bytes], enc
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _iter_chunks(url: str, job_id: int) -> Iterator[bytes]:
+def _iter_chunks(url: str, job_id: int, size: int) -> Generator[bytes]:
     """One chunk at a time, each by its own query, so memory stays flat however large the file."""
     from campaign_manager.db import get_engine
 
@@ -142,6 +139,8 @@ def _iter_chunks(url: str, job_id: int) -> Iterator[bytes]:
         while True:
             data = session.exec(select(JobFile.data).where(JobFile.job_id == job_id, JobFile.seq == seq)).first()
             if data is None:
+                if seq == 0 and size:
+                    raise NotFound(f"the staged file of job {job_id} was purged", hint="import the file again")
                 return
             yield data
             seq += 1
@@ -149,9 +148,9 @@ def _iter_chunks(url: str, job_id: int) -> Iterator[bytes]:
 
 
 def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> dict[str, Any]:
-    """The job handler: run (or re-run) an import job. Returns its counts."""
+    """The job handler: run an import job, or resume it after its last committed segment. Returns its counts."""
     from campaign_manager.db import get_engine, is_sqlite
-    from campaign_manager.services.import_sql import PostgresBackend, SqliteBackend
+    from campaign_manager.services.import_sql import Claim, PostgresBackend, SqliteBackend
 
     engine = get_engine(url)
     with Session(engine, expire_on_commit=False) as session:
@@ -161,61 +160,115 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         if job.result.get("committed"):
             return dict(job.counts)
         args = dict(job.args)
+        forgotten_at = utcnow()
         forgotten = consent.suppressed_hashes(session)
     layout = CsvLayout.from_args(args["layout"])
     size = int(args.get("size", 0))
     kind = SqliteBackend if is_sqlite(url) else PostgresBackend
-    backend: Backend = kind(engine, job_id, args)
+    claim = jobs.current_claim()
+    backend: Backend = kind(
+        engine,
+        job_id,
+        args,
+        segment_rows=int(jobs.current_option("import.segment_rows", 0) or 0),
+        claim=None if claim is None else Claim(*claim),
+        forgotten=forgotten,
+        forgotten_at=forgotten_at,
+    )
     helper: ParseProcess | None = None
+    chunks: Generator[bytes] | None = None
+    stopped = True
     try:
         done = backend.start()
         if done is not None:
+            stopped = False
             return done
-        chunks = _iter_chunks(url, job_id)
+        chunks = _iter_chunks(url, job_id, size)
         batches: Iterator[Batch]
         if size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
             # The other core parses; on PostgreSQL the SQL thread then no longer contends for the GIL.
-            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share)
+            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share, skip_through=backend.line)
             batches = iter(helper)
         else:
-            batches = parse(layout, chunks, forgotten, BATCH_ROWS)
-        counts = _load(backend, batches, size, progress)
-        return backend.finish(counts)
+            batches = parse(layout, chunks, forgotten, BATCH_ROWS, skip_through=backend.line)
+        for batch in batches:
+            backend.add(batch)
+            if progress is not None:
+                progress(batch.position, size)
+        if progress is not None:
+            progress(size, size)
+        counts = backend.finish()
+        stopped = False
+        return counts
     finally:
         if helper is not None:
             helper.close()
-        backend.close()
-
-
-def _load(backend: Backend, batches: Iterator[Batch], size: int, progress: Progress | None) -> dict[str, int]:
-    """Stage every batch; the counts of rows read and rejected as invalid."""
-    read = invalid = 0
-    for batch in batches:
-        read += batch.read
-        invalid += len(batch.rejects)
-        backend.add(batch.rows, batch.rejects)
-        if progress is not None:
-            progress(batch.position, size)
-    if progress is not None:
-        progress(size, size)
-    return {"read": read, "invalid": invalid}
+        if chunks is not None:
+            chunks.close()  # its read session, now rather than whenever the generator is collected
+        backend.close(cancel=stopped)
 
 
 # ---------------------------------------------------------------------------------------------- rejects
 
 
-def list_rejects(session: Session, job_id: int) -> list[ImportReject]:
-    return list(
-        session.exec(select(ImportReject).where(ImportReject.job_id == job_id).order_by(col(ImportReject.line))).all()
-    )
+REJECTS_PAGE = 1_000
 
 
-def write_rejects_csv(session: Session, job: Job, out: IO[str]) -> int:
-    """The rejected rows under the file's own header, as they stood: fix them and import the file again."""
-    layout = CsvLayout.from_args(job.args["layout"])
-    out.write(format_row(layout.header, layout.delimiter) + "\n")
+def iter_rejects(session: Session, job_id: int) -> Iterator[ImportReject]:
+    """The rows a job rejected, in file order, a page at a time (a broken file can have millions)."""
+    after: tuple[int, int] = (-1, -1)
+    while True:
+        page = session.exec(
+            select(ImportReject)
+            .where(
+                ImportReject.job_id == job_id,
+                sa.tuple_(col(ImportReject.line), col(ImportReject.id)) > sa.tuple_(*after),
+            )
+            .order_by(col(ImportReject.line), col(ImportReject.id))
+            .limit(REJECTS_PAGE)
+        ).all()
+        yield from page
+        if len(page) < REJECTS_PAGE:
+            return
+        after = (page[-1].line, page[-1].id or 0)
+
+
+def _import_job(session: Session, job_id: int) -> Job:
+    from campaign_manager.services.jobs import get_job
+
+    job = get_job(session, job_id)
+    if job.kind != KIND:
+        raise InvalidInput(f"job {job_id} is a {job.kind} job; only imports have rejected rows")
+    return job
+
+
+def write_rejects(session: Session, job_id: int, out: IO[str]) -> int:
+    """`cm jobs show --rejects`: one CSV row per rejected row (line, reason, the row as written). Every cell that
+    a spreadsheet would run as a formula is written behind a '. Returns how many rows."""
+    _import_job(session, job_id)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["line", "reason", "row"])
     n = 0
-    for reject in list_rejects(session, job.id or 0):
-        out.write(reject.raw + "\n")
+    for reject in iter_rejects(session, job_id):
+        writer.writerow([str(reject.line), neutralise(reject.reason), neutralise(reject.raw)])
         n += 1
     return n
+
+
+def write_rejects_file(session: Session, job_id: int, out: IO[str]) -> tuple[int, int]:
+    """`cm jobs show --rejects-file`: the rejected rows under the file's own header and in its delimiter, to fix and
+    import again (every cell a spreadsheet would run as a formula behind a ', which the import removes: importing
+    the file unchanged gives the same rejects). A row too long to have been kept whole cannot be fixed from here
+    and is left out. Returns how many rows were written, and how many left out."""
+    job = _import_job(session, job_id)
+    layout = CsvLayout.from_args(job.args["layout"])
+    writer = csv.writer(out, delimiter=layout.delimiter, lineterminator="\n")
+    writer.writerow([neutralise(cell) for cell in layout.header])
+    written = cut = 0
+    for reject in iter_rejects(session, job_id):
+        if reject.reason.endswith(CUT_NOTE):
+            cut += 1
+            continue
+        writer.writerow([neutralise(cell) for cell in split_row(reject.raw, layout.delimiter)])
+        written += 1
+    return written, cut

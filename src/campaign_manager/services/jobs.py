@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -42,6 +43,8 @@ from campaign_manager.models import (
 Progress = Callable[[int, int], None]
 Handler = Callable[[str, int, Progress], dict[str, Any]]
 
+# Settings a job's handler may read through current_option: callers of attempt_job pass these.
+OPTION_KEYS = ("import.segment_rows",)
 # kind -> "module:function", imported on first use so that `cm` starts without loading every handler.
 HANDLERS: dict[str, str] = {
     "import": "campaign_manager.services.imports:run_import_job",
@@ -49,7 +52,15 @@ HANDLERS: dict[str, str] = {
 _loaded: dict[str, Handler] = {}
 
 # What one attempt at a job came to (Attempt.outcome).
-DONE, FAILED, RETRY, SKIPPED, RELEASED, LOST = "done", "failed", "retry", "skipped", "released", "lost"
+DONE, FAILED, RETRY, SKIPPED, RELEASED, LOST, CANCELLED = (
+    "done",
+    "failed",
+    "retry",
+    "skipped",
+    "released",
+    "lost",
+    "cancelled",
+)
 
 log = logging.getLogger("campaign_manager.worker")
 
@@ -58,6 +69,19 @@ class JobReleased(BaseException):
     """Raised inside a handler, from its progress callback, when its worker gives the job back (shutting down) or
     has lost it (its lease expired and another worker took it). A BaseException, so that a handler's
     `except Exception` does not swallow it; the handler's transaction rolls back."""
+
+
+class JobLost(JobReleased):
+    """Raised by a handler that finds, when it goes to commit, that another run holds its job now."""
+
+
+class JobInterrupted(BaseException):
+    """A job run in the foreground (`--wait`) was stopped by SIGINT or SIGTERM: it is cancelled, keeping what it
+    committed, and runs again only when someone asks (`cm jobs retry`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def register_handler(kind: str, func: Handler | str) -> None:
@@ -145,6 +169,29 @@ def describe_job(job: Job) -> dict[str, Any]:
     }
 
 
+def retry_job(session: Session, job_id: int) -> Job:
+    """Queue a failed or cancelled job again, with a fresh budget of attempts (the caller commits, then enqueues
+    it). An import resumes after its last committed segment. A job whose staged upload was purged cannot be."""
+    job = get_job(session, job_id)
+    if job.status not in (JOB_FAILED, JOB_CANCELLED):
+        raise Conflict(f"job {job_id} is {job.status}: only a failed or cancelled job can be retried")
+    purged = (job.result or {}).get("file_purged")
+    if purged:
+        raise NotFound(
+            f"job {job_id} cannot be retried: its staged upload was purged on {str(purged)[:10]}",
+            hint="queue the file again",
+        )
+    requeued = session.exec(
+        sa.update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == job.status)
+        .values(status=JOB_QUEUED, attempts=0, error=None, finished_at=None, lease_until=None, worker=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not requeued:
+        raise Conflict(f"job {job_id} changed meanwhile", hint="try again")
+    return get_job(session, job_id)
+
+
 def cancel_job(session: Session, job_id: int) -> Job:
     """Cancel a job that has not started (or is waiting for a retry). Its queue message, when a worker takes it,
     finds the job cancelled and does nothing."""
@@ -190,10 +237,39 @@ class _Run:
     lost: bool = False
     done: int | None = None  # the handler's last progress call, if any
     total: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # settings the handler may ask for (current_option)
+
+
+@dataclass
+class Interrupt:
+    """The stop flag of a job run in the foreground, set by a signal handler (see run_in_foreground)."""
+
+    signum: int = 0
+    armed: bool = False  # the job's handler is running: a signal raises JobInterrupted right where it lands
+
+    def handle(self, signum: int, _frame: Any = None) -> None:
+        self.signum = self.signum or signum
+        if self.armed:
+            self.armed = False
+            raise JobInterrupted(signum)
 
 
 _active: dict[int, _Run] = {}
 _active_lock = threading.Lock()
+_current = threading.local()  # the run this thread's handler belongs to
+
+
+def current_claim() -> tuple[str, int] | None:
+    """(worker, attempts) of the claim under which this thread runs a job's handler: the fencing token a handler
+    that commits in parts checks before each commit. None outside attempt_job (a handler called directly)."""
+    run: _Run | None = getattr(_current, "run", None)
+    return None if run is None else (run.worker, run.attempts)
+
+
+def current_option(key: str, default: Any = None) -> Any:
+    """A setting the caller of attempt_job passed for the handler (e.g. `import.segment_rows`)."""
+    run: _Run | None = getattr(_current, "run", None)
+    return default if run is None else run.options.get(key, default)
 
 
 def _fenced(run: _Run) -> Any:
@@ -295,6 +371,8 @@ def attempt_job(
     max_attempts: int | None = None,
     lease_seconds: float = 60.0,
     on_start: Callable[[Job], None] | None = None,
+    options: dict[str, Any] | None = None,
+    interrupt: Interrupt | None = None,
 ) -> Attempt:
     """Claim and run one job. A job that is done, failed, cancelled or held by a live worker is SKIPPED.
 
@@ -305,11 +383,14 @@ def attempt_job(
     job, run = _claim(url, job_id, worker=worker, lease=lease_seconds)
     if run is None:
         return Attempt(job, SKIPPED)
+    run.options = dict(options or {})
     with _active_lock:
         _active[job_id] = run
 
     def _progress(done: int, total: int) -> None:
         run.done, run.total = done, total
+        if interrupt is not None and interrupt.signum:
+            raise JobInterrupted(interrupt.signum)
         if run.stop.is_set():
             raise JobReleased
         if progress is not None:
@@ -321,9 +402,23 @@ def attempt_job(
     try:
         if on_start is not None:
             on_start(job)
-        counts = get_handler(job.kind)(url, job_id, _progress)
+        handler = get_handler(job.kind)
+        _current.run = run
+        if interrupt is not None:
+            interrupt.armed = not interrupt.signum
+        try:
+            counts = handler(url, job_id, _progress)
+        finally:
+            _current.run = None
+            if interrupt is not None:
+                interrupt.armed = False
         values: dict[str, Any] = {"status": JOB_DONE, "counts": dict(counts or {}), "error": None}
         outcome = DONE
+    except JobInterrupted as exc:
+        values, outcome = _interrupted(url, job_id, exc.signum)
+    except JobLost:
+        run.lost = True
+        values, outcome = {}, LOST
     except JobReleased:
         values, outcome = {}, RELEASED
     except CmError as exc:
@@ -364,10 +459,38 @@ def attempt_job(
     return Attempt(_read(url, job_id), outcome, seconds)
 
 
+def _interrupted(url: str, job_id: int, signum: int) -> tuple[dict[str, Any], str]:
+    """What a job stopped by a signal comes to: cancelled, keeping what its committed parts counted (`cm jobs retry`
+    resumes after them), or done if the signal came after its handler had committed everything."""
+    result = _read(url, job_id)
+    if result.result.get("committed"):
+        return {"status": JOB_DONE, "counts": dict(result.counts), "error": None}, DONE
+    error = f"interrupted by {signal.Signals(signum).name}; `cm jobs retry {job_id}` runs the rest"
+    return {"status": JOB_CANCELLED, "error": error, "counts": dict(result.result.get("partial") or {})}, CANCELLED
+
+
 def run_job(url: str, job_id: int, *, worker: str, progress: Progress | None = None, **options: Any) -> Job:
     """attempt_job, for callers that only need the row (a `--wait` import): no retry, so it ends done or failed
     (or untouched, when someone else holds it). `options` are attempt_job's."""
     return attempt_job(url, job_id, worker=worker, progress=progress, **options).job
+
+
+def run_in_foreground(
+    url: str, job_id: int, *, worker: str, progress: Progress | None = None, options: dict[str, Any] | None = None
+) -> tuple[Attempt, int]:
+    """Run a job in this process (`--wait`), no retry. SIGINT and SIGTERM stop it at once: the part in progress
+    rolls back and the job is cancelled with what it committed. Returns the attempt and the signal that stopped it
+    (0: none)."""
+    interrupt = Interrupt()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, interrupt.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        attempt = attempt_job(url, job_id, worker=worker, progress=progress, options=options, interrupt=interrupt)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return attempt, interrupt.signum
 
 
 def _read(url: str, job_id: int) -> Job:

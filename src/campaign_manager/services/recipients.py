@@ -8,10 +8,22 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
+from campaign_manager import limits
 from campaign_manager.errors import Conflict, ConsentError, InvalidInput, NotFound
-from campaign_manager.models import ACTIVE, OPTED_OUT, Group, GroupMember, Recipient, utcnow
+from campaign_manager.models import (
+    ACTIVE,
+    OPTED_OUT,
+    Campaign,
+    CampaignRecipient,
+    Group,
+    GroupMember,
+    ImportReject,
+    Recipient,
+    utcnow,
+)
 from campaign_manager.services import consent
 from campaign_manager.services.emails import email_key, normalize_email
+from campaign_manager.services.import_scrub import scrub_address
 
 
 def find_recipient(session: Session, ref: str | int) -> Recipient | None:
@@ -38,8 +50,12 @@ def _clean_phone(phone: str | None) -> str | None:
         return None
     phone = phone.strip()
     if phone and not all(ch.isdigit() or ch in "+-(). " for ch in phone):
-        raise InvalidInput(f"invalid phone number {phone!r}: use digits, spaces and + - ( ) .")
-    return phone or None
+        raise InvalidInput(f"invalid phone number {phone[:60]!r}: use digits, spaces and + - ( ) .")
+    return limits.check("the phone number", phone, limits.PHONE) or None
+
+
+def _clean_name(name: str | None) -> str | None:
+    return limits.check("the name", name, limits.NAME)
 
 
 def create_recipient(
@@ -55,6 +71,7 @@ def create_recipient(
 
     normalized = normalize_email(email)
     key = email_key(normalized)
+    name, phone, attributes = _clean_name(name), _clean_phone(phone), limits.check_attributes(attributes)
     existing = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
     if existing is not None and existing.status == OPTED_OUT:
         raise ConsentError(
@@ -65,11 +82,9 @@ def create_recipient(
         raise Conflict(
             f"recipient {existing.email} already exists (id {existing.id})", hint="use `cm recipient update`"
         )
-    consent.refuse_if_forgotten(session, key, normalized)
+    consent.refuse_if_forgotten(session, key)
     targets = [get_group(session, ref) for ref in groups]
-    recipient = Recipient(
-        email=normalized, email_key=key, name=name, phone=_clean_phone(phone), attributes=attributes or {}
-    )
+    recipient = Recipient(email=normalized, email_key=key, name=name, phone=phone, attributes=attributes)
     session.add(recipient)
     session.flush()
     for group in targets:
@@ -93,8 +108,9 @@ def update_recipient(
     from campaign_manager.services.groups import get_group
 
     recipient = get_recipient(session, ref)
+    limits.check_attributes(attributes)
     if name is not None:
-        recipient.name = name or None
+        recipient.name = _clean_name(name) or None
     if phone is not None:
         recipient.phone = _clean_phone(phone)
     if attributes:
@@ -198,18 +214,44 @@ def describe_many(session: Session, recipients: Sequence[Recipient]) -> list[dic
 
 
 def export_recipient(session: Session, ref: str | int) -> dict[str, Any]:
-    """Everything held about one person (GDPR access request), consent history included."""
+    """Everything held about one person (GDPR access request): their record, consent history, the campaigns that
+    name them, and the import rows that were rejected with their address in them."""
     recipient = get_recipient(session, ref)
     data = describe_many(session, [recipient])[0]
     data["consent_history"] = consent.history(session, recipient)
+    named = session.exec(
+        select(Campaign.id, Campaign.title)
+        .join(CampaignRecipient, col(CampaignRecipient.campaign_id) == Campaign.id)
+        .where(CampaignRecipient.recipient_id == recipient.id)
+        .order_by(col(Campaign.id))
+    ).all()
+    data["campaigns"] = [{"id": cid, "title": title} for cid, title in named]
+    rejects = session.exec(
+        select(ImportReject)
+        .where(func.lower(col(ImportReject.raw)).contains(recipient.email_key, autoescape=True))
+        .order_by(col(ImportReject.job_id), col(ImportReject.line))
+    ).all()
+    data["rejected_import_rows"] = [
+        {"job_id": r.job_id, "line": r.line, "reason": r.reason, "row": r.raw} for r in rejects
+    ]
     return data
 
 
-def forget_recipient(session: Session, ref: str | int, *, reason: str | None, source: str) -> dict[str, Any]:
-    recipient = get_recipient(session, ref)
-    rid, email = recipient.id, recipient.email
-    digest = consent.forget(session, recipient, reason=reason, source=source)
-    return {"id": rid, "email": email, "forgotten": True, "suppression_hash": digest}
+def forget_recipient(session: Session, ref: str, *, source: str) -> dict[str, Any]:
+    """`cm recipient forget`: erase the person (consent.forget) and take their address out of every staged upload
+    and rejected import row. `ref` may be an address no recipient holds (one a queued import would bring, say):
+    it is suppressed all the same. What it returns names the recipient by id, never by address."""
+    recipient = find_recipient(session, ref)
+    if recipient is not None:
+        key = recipient.email_key
+    elif ref.strip().isdigit():
+        raise NotFound(f"no recipient {ref.strip()!r}", hint="give the email address to forget one cm never held")
+    else:
+        key = email_key(normalize_email(ref))
+    rid = None if recipient is None else recipient.id
+    digest, changed = consent.forget(session, key, recipient=recipient, source=source)
+    uploads = scrub_address(session, key)
+    return {"id": rid, "forgotten": True, "changed": changed, "suppression_hash": digest, "staged_uploads": uploads}
 
 
 def opt_in_address(session: Session, ref: str, *, reason: str | None, source: str) -> tuple[Recipient, bool]:

@@ -1,0 +1,58 @@
+"""How long cm keeps staged uploads. An uploaded CSV is personal data: a job that has finished (done, failed or
+cancelled) keeps its staged copy for `jobs.keep_files_days`, so that a failed or interrupted import can be retried,
+and then it is purged. Workers and drains purge at most once an hour (one of them, whichever comes first:
+the time is kept in the database); `cm jobs purge` does it at once."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from campaign_manager.db import open_session
+from campaign_manager.models import JOB_CANCELLED, JOB_DONE, JOB_FAILED, ImportKey, Job, JobFile, Meta, utcnow
+
+PURGE_EVERY = timedelta(hours=1)
+_LAST_PURGE = "last_purge"
+
+
+def purge_files(session: Session, *, older_than_days: float) -> list[int]:
+    """Delete the staged uploads (and the addresses an unfinished import kept) of jobs that ended more than
+    `older_than_days` ago. Returns the ids of the jobs purged; each remembers when (`result.file_purged`)."""
+    now = utcnow()
+    cutoff = now - timedelta(days=older_than_days)
+    has_file = sa.exists().where(col(JobFile.job_id) == Job.id)
+    has_keys = sa.exists().where(col(ImportKey.job_id) == Job.id)
+    jobs = session.exec(
+        select(Job)
+        .where(
+            col(Job.status).in_((JOB_DONE, JOB_FAILED, JOB_CANCELLED)),
+            col(Job.finished_at) < cutoff,
+            sa.or_(has_file, has_keys),
+        )
+        .order_by(col(Job.id))
+    ).all()
+    for job in jobs:
+        session.exec(sa.delete(JobFile).where(col(JobFile.job_id) == job.id))
+        session.exec(sa.delete(ImportKey).where(col(ImportKey.job_id) == job.id))
+        job.result = {**(job.result or {}), "file_purged": now.isoformat()}
+    session.flush()
+    return [job.id for job in jobs if job.id is not None]
+
+
+def purge_if_due(url: str, *, older_than_days: float, now: datetime | None = None) -> list[int] | None:
+    """purge_files, unless some process did it less than PURGE_EVERY ago (then None)."""
+    now = now or utcnow()
+    with open_session(url, write=False) as session:  # the usual answer, without taking SQLite's write lock
+        if _recent(session.get(Meta, _LAST_PURGE), now):
+            return None
+    with open_session(url) as session:
+        if _recent(session.get(Meta, _LAST_PURGE), now):
+            return None
+        session.merge(Meta(key=_LAST_PURGE, value=now.isoformat()))
+        return purge_files(session, older_than_days=older_than_days)
+
+
+def _recent(last: Meta | None, now: datetime) -> bool:
+    return last is not None and now - datetime.fromisoformat(last.value) < PURGE_EVERY
