@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import email
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import datetime
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import typer
@@ -56,6 +59,140 @@ def test_every_command_has_help_with_an_example(path: tuple[str, ...], command: 
     rendered = make_cm(None)([*path, "--help"])
     assert f"Usage: {name}" in rendered.stdout
     assert "Example:" in rendered.stdout
+
+
+# Rich's panel borders: help is plain Click text everywhere.
+BOX = re.compile("[╭╮╰╯│─━┃]")
+# Typer's own metavars (`<str>`, `<int range>`, `{email}`): a value is named for what it is instead.
+TYPE_METAVAR = re.compile(r"<[^<>\s]+(?: range)?>|\{[^{}\s]+\}")
+# `PATH`, `ID|EMAIL`, `KEY=VALUE`; a choice lists its values as they are typed (`red|blue`).
+VALUE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*(?:[|=][A-Za-z0-9][A-Za-z0-9_.-]*)*")
+
+
+def _option_column(rendered: str, opt: str) -> list[str]:
+    """The words left of an option's help (`-w, --workers N` -> ["-w", "--workers", "N"])."""
+    for line in rendered.partition("\nOptions:\n")[2].splitlines():
+        words = re.split(r"[ ,]+", re.split(r"\s{2,}", line.strip())[0])
+        if opt in words:
+            return [w for w in words if w != "/"]
+    raise AssertionError(f"{opt} is not in the help")
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) or "cm" for p, _c in COMMANDS])
+def test_help_is_plain_and_names_every_value(path: tuple[str, ...], command: Any) -> None:
+    rendered = make_cm(None)([*path, "--help"]).stdout
+    assert not BOX.search(rendered), rendered
+    assert not TYPE_METAVAR.search(rendered), TYPE_METAVAR.findall(rendered)
+    usage = rendered.splitlines()[0]
+    for param in command.params:
+        if param.param_type_name == "argument":
+            assert param.metavar and VALUE_NAME.fullmatch(param.metavar), (param.name, param.metavar)
+            assert param.metavar in usage.split(), usage
+            continue
+        column = _option_column(rendered, param.opts[0])
+        values = [w for w in column if not w.startswith("-")]
+        if param.is_flag:
+            assert param.metavar is None and values == [], f"flag {param.opts} shows {values}"
+        else:
+            assert param.metavar and VALUE_NAME.fullmatch(param.metavar), (param.name, param.metavar)
+            assert values == [param.metavar], column
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["recipient", "show"], "Usage: cm recipient show [OPTIONS] ID|EMAIL"),
+        (["group", "update"], "Usage: cm group update [OPTIONS] ID|NAME"),
+        (["campaign", "show"], "Usage: cm campaign show [OPTIONS] ID"),
+        (["jobs", "show"], "Usage: cm jobs show [OPTIONS] ID"),
+        (["group", "create"], "Usage: cm group create [OPTIONS] NAME"),
+        (["plugins"], "Usage: cm plugins [OPTIONS]"),
+        (["worker"], "Usage: cm worker [OPTIONS]"),
+        ([], "Usage: cm [OPTIONS] COMMAND [ARGS]..."),
+    ],
+)
+def test_usage_lines(args: list[str], usage: str) -> None:
+    assert make_cm(None)([*args, "--help"]).stdout.splitlines()[0] == usage
+
+
+def test_option_metavars_read_as_values() -> None:
+    rendered = make_cm(None)("recipient update --help").stdout + make_cm(None)("group add-recipients --help").stdout
+    for shown in (
+        "--attr KEY=VALUE",
+        "--add-group ID|NAME",
+        "--email EMAIL",
+        "--csv PATH",
+        "--name NAME",
+    ):
+        assert shown in rendered
+    assert "--config PATH" in make_cm(None)("--help").stdout
+    assert "--database URL" in make_cm(None)("--help").stdout
+    assert "-w, --workers N" in make_cm(None)("worker --help").stdout
+    assert "--rejects-file PATH" in make_cm(None)("jobs show --help").stdout
+
+
+class Colour(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+def test_a_new_option_gets_a_metavar_from_its_name_or_type() -> None:
+    from campaign_manager.cli._help import build
+
+    thing = typer.Typer(name="thing")
+
+    @thing.command("make")
+    def make(
+        ref: Annotated[str, typer.Argument(help="Which")],
+        count: Annotated[int, typer.Option(help="How many")] = 1,
+        ratio: Annotated[float, typer.Option(help="How much")] = 0.5,
+        title: Annotated[str | None, typer.Option(help="A title")] = None,
+        sent_at: Annotated[datetime | None, typer.Option(help="When")] = None,
+        owner_email: Annotated[str | None, typer.Option(help="Who")] = None,
+        tags: Annotated[list[str] | None, typer.Option("--tag", help="Repeatable")] = None,
+        colour: Annotated[Colour, typer.Option(help="Which colour")] = Colour.RED,
+        webhook_url: Annotated[str | None, typer.Option(help="Where")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say")] = False,
+        loud: Annotated[bool, typer.Option("--loud/--quiet", help="Volume")] = False,
+    ) -> None:
+        """Make a thing.
+
+        Example: cm thing make 1
+        """
+
+    @thing.command("other")
+    def other() -> None:
+        """Another.
+
+        Example: cm thing other
+        """
+
+    group = build("thing", thing)
+    names = {p.name: p.metavar for p in group.commands["make"].params}
+    assert names == {
+        "ref": "ID",
+        "count": "N",
+        "ratio": "NUMBER",
+        "title": "TEXT",
+        "sent_at": "DATETIME",
+        "owner_email": "EMAIL",
+        "tags": "TEXT",
+        "colour": "red|blue",
+        "webhook_url": "URL",
+        "dry_run": None,
+        "loud": None,
+    }
+    help_text = group.commands["make"].get_help(typer.Context(group.commands["make"], info_name="make"))
+    assert not BOX.search(help_text) and not TYPE_METAVAR.search(help_text)
+    assert "--tag TEXT" in help_text and re.search(r"--loud / --quiet +Volume", help_text)
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) or "cm" for p, _c in COMMANDS])
+def test_examples_stay_on_one_line(path: tuple[str, ...], command: Any) -> None:
+    # Help rewraps paragraphs to the terminal, but an example is copied into a shell: it stays whole.
+    lines = [line.strip() for line in make_cm(None)([*path, "--help"]).stdout.splitlines()]
+    for example in re.findall(r"^Example: .*$", command.help, flags=re.MULTILINE):
+        assert example.strip() in lines
 
 
 def test_root_help_lists_the_nouns_without_loading_the_heavy_libraries() -> None:
@@ -209,6 +346,10 @@ def test_console_script_round_trip(tmp_path: Path) -> None:
         (["recipient", "create", "not-an-email"], 2, "@-sign"),
         (["--database", "postgresql://cm@127.0.0.1:1/cm", "recipient", "list"], 6, "cannot open database"),
         (["--config", "missing.toml", "group", "list"], 7, "config file not found: missing.toml"),
+        # Usage errors take the same path in the console script as in CliRunner.
+        (["group", "create"], 2, "error: missing argument 'NAME' (see `cm group create --help`)"),
+        (["worker", "--workers", "0"], 2, "invalid value for '--workers'"),
+        (["--bogus"], 2, "no such option: --bogus"),
     ],
 )
 def test_console_script_bad_input_has_no_traceback(
@@ -229,3 +370,81 @@ def test_console_script_json_logs(tmp_path: Path) -> None:
     records = _log_records(done.stderr)
     assert records and all(r["logger"].startswith("campaign_manager") for r in records)
     assert all(line.startswith("{") for line in done.stderr.splitlines())
+
+
+# --- hostile text in what is printed for people
+
+EVIL_NAME = "\x1b[2J evil\r"
+EVIL_KEY, EVIL_VALUE = "k\x9b31m", "v\u202eg\u2066\x7f\tz\n"
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # \t and \n are what a table is made of
+
+
+def _shows_no_controls(text: str) -> None:
+    assert not RAW.search(text), repr(text)
+
+
+def test_escape_controls() -> None:
+    from campaign_manager.cli._common import escape_controls
+
+    assert escape_controls("plain café ✓") == "plain café ✓"
+    assert escape_controls(EVIL_NAME) == "\\x1b[2J evil\\r"
+    assert escape_controls(EVIL_VALUE) == "v\\u202eg\\u2066\\x7f\\tz\\n"
+    assert escape_controls("\x00\x85\u202a\u2069 a\\b") == "\\x00\\x85\\u202a\\u2069 a\\b"
+
+
+def test_tables_and_records_show_control_characters_escaped(cm: Cm) -> None:
+    cm(["group", "create", "news", "--description", "line1\nline2\u202e"])
+    cm(["recipient", "create", "ada@example.com", "--name", EVIL_NAME, "--attr", f"{EVIL_KEY}={EVIL_VALUE}"])
+    cm("group add-recipients news --email ada@example.com")
+
+    table = cm("recipient list").stdout  # print_table
+    _shows_no_controls(table)
+    assert "\\x1b[2J evil\\r" in table
+    record = cm("recipient show ada@example.com").stdout  # print_record, a dict value
+    _shows_no_controls(record)
+    assert "k\\x9b31m=v\\u202eg\\u2066\\x7f\\tz\\n" in record
+    groups = cm("group list").stdout
+    _shows_no_controls(groups)
+    assert "line1\\nline2\\u202e" in groups
+    _shows_no_controls(cm("group recipients news").stdout)
+
+    # --json is data: the exact strings.
+    person = cm("recipient show ada@example.com --json").json()
+    assert person["name"] == EVIL_NAME
+    assert person["attributes"] == {EVIL_KEY: EVIL_VALUE}
+    assert cm("recipient list --json").json()[0]["name"] == EVIL_NAME
+    assert cm("group show news --json").json()["description"] == "line1\nline2\u202e"
+
+
+def test_a_report_shows_what_was_given_escaped(cm: Cm) -> None:
+    cm("group create news")
+    run = cm(["group", "add-recipients", "news", "--email", "bad\x1b[31m@example.com\r"], ok=False)  # group._report
+    _shows_no_controls(run.stdout)
+    _shows_no_controls(run.stderr)
+    assert "bad\\x1b[31m@example.com\\r" in run.stdout
+    assert run.exit_code == 2
+    as_json = cm(["group", "add-recipients", "news", "--email", "bad\x1b[31m@example.com\r", "--json"], ok=False)
+    assert as_json.json()[0]["input"] == "bad\x1b[31m@example.com\r"
+
+
+def test_a_job_shows_its_arguments_escaped(cm: Cm, tmp_path: Path) -> None:
+    cm("group create news")
+    path = tmp_path / "evil\x1b]0;pwned\x07.csv"
+    path.write_text("email\nada@example.com\n", encoding="utf-8")
+    job = cm(["group", "add-recipients", "news", "--csv", str(path), "--wait", "--json"]).json()
+    shown = cm(f"jobs show {job['id']}").stdout  # render_job
+    _shows_no_controls(shown)
+    assert "evil\\x1b]0;pwned\\x07.csv" in shown
+    assert cm(f"jobs show {job['id']} --json").json()["args"]["source"] == str(path)
+
+
+def test_the_licence_is_an_spdx_expression_for_a_setuptools_that_reads_it() -> None:
+    # A `{ text = ... }` table makes setuptools >= 77 print a 15-line deprecation box on every install.
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["license"] == "MIT"
+    setuptools = next(Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools"))
+    assert not setuptools.specifier.contains("76.9") and setuptools.specifier.contains("77.0")

@@ -82,20 +82,48 @@ def test_bad_input_changes_nothing(cm: Cm, tmp_path: Path, command: str, exit_co
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "fragments"),
     [
-        ["recipient", "list", "--limit", "many"],
-        ["recipient", "create"],
-        ["recipient", "frobnicate"],
-        ["campaign", "create", "--text", "x"],
-        ["--no-such-option", "recipient", "list"],
+        (["group", "create"], ["missing argument 'NAME'", "(see `cm group create --help`)"]),
+        (["recipient", "show"], ["missing argument 'ID|EMAIL'", "`cm recipient show --help`"]),
+        (["campaign", "create", "--text", "x"], ["missing option '--title'"]),
+        (["recipient", "list", "--bogus"], ["no such option: --bogus", "`cm recipient list --help`"]),
+        (["--no-such-option", "recipient", "list"], ["no such option: --no-such-option", "`cm --help`"]),
+        (["recipient", "frobnicate"], ["no such command 'frobnicate'", "`cm recipient --help`"]),
+        (["grup", "list"], ["no such command 'grup'; did you mean 'group'?"]),
+        (["group", "craete", "news"], ["no such command 'craete'; did you mean 'create'?"]),
+        (["-v"], ["missing command"]),
+        (["worker", "--workers", "0"], ["invalid value for '--workers'", "greater than or equal to 1"]),
+        (["jobs", "list", "--limit", "abc"], ["invalid value for '--limit'", "integer"]),
+        (["recipient", "list", "--limit", "many"], ["invalid value for '--limit'"]),
+        (["recipient", "list", "--limit"], ["option '--limit' requires an argument"]),
+        (["group", "create", "a", "b"], ["unexpected extra argument", "(b)"]),
+        (["plugins", "extra"], ["unexpected extra argument", "(extra)"]),
+        # What the user typed is quoted escaped (here by Click): one line, and it cannot drive the terminal.
+        (["group", "create", "a", "b\x1b[2J\nc"], ["(b\\x1b[2J\\x0ac)"]),
     ],
 )
-def test_usage_errors_exit_2_without_a_traceback(cm: Cm, args: list[str]) -> None:
-    run = cm(args, ok=False)
-    assert run.exit_code == 2
-    assert "Traceback" not in run.stderr and run.stdout == ""
-    assert "Error" in run.stderr
+def test_usage_errors_are_one_error_line_and_exit_2(args: list[str], fragments: list[str]) -> None:
+    # No database is opened: the command line is refused before anything runs.
+    run = make_cm(None)(args, ok=False)
+    assert_error(run, errors.InvalidInput.exit_code, *fragments)
+    assert "Usage:" not in run.stderr and "Try '" not in run.stderr and "╭" not in run.stderr
+
+
+def test_an_error_line_shows_what_was_given_escaped() -> None:
+    args = ["campaign", "create", "--title", "t", "--subject", "s", "--text-file", "gone\x1b[2J\r.txt"]
+    run = make_cm(None)(args, ok=False)
+    assert_error(run, errors.InvalidInput.exit_code, "--text-file not found: gone\\x1b[2J\\r.txt")
+    assert "\x1b" not in run.stderr and "\r" not in run.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["group"], ["jobs"]])
+def test_a_command_line_without_a_command_prints_help_on_stderr_and_exits_2(args: list[str]) -> None:
+    run = make_cm(None)(args, ok=False)
+    assert run.exit_code == errors.InvalidInput.exit_code
+    assert run.stdout == ""
+    assert run.stderr.startswith(f"Usage: {' '.join(['cm', *args])} [OPTIONS] COMMAND [ARGS]...\n")
+    assert "Commands:" in run.stderr and "╭" not in run.stderr
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,16 @@ need them, so `cm --help` starts fast.
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
 
 from campaign_manager import __version__
 from campaign_manager.cli._common import State, report_error, report_unexpected
-from campaign_manager.errors import CmError
+from campaign_manager.cli._help import Command, Group, build, name_values
+from campaign_manager.errors import CmError, InvalidInput
 
 # noun -> short help. Each noun's module is imported (and its Typer app turned into a click group) only when that
 # noun is used: building every command up front costs ~40 ms, a third of the start-up budget.
@@ -31,9 +33,30 @@ NOUNS: dict[str, str] = {
 _built: dict[str, Any] = {}
 
 
-class _Boundary(TyperGroup):
-    """The root group: loads nouns lazily, and turns CmError (and anything unexpected) into one line on stderr
-    and an exit code, never a traceback."""
+def _refuse(exc: ClickException) -> typer.Exit:
+    """A usage error (a missing argument, an unknown option or command, a bad value) as one `error:` line and
+    exit 2, like any invalid input; Click would print its usage block and `Error: ...` over four lines."""
+    message = exc.format_message()
+    if isinstance(exc, NoSuchOption) and exc.possibilities:
+        message = f"{exc.message}; did you mean {' or '.join(sorted(exc.possibilities))}?"
+    message = message.strip().removesuffix(".").replace(". Did you mean", "; did you mean")
+    if message[1:2].islower():  # "Missing argument" -> "missing argument", as cm's own messages read
+        message = message[0].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    hint = f"see `{ctx.command_path} --help`" if isinstance(exc, UsageError) and ctx is not None else None
+    error = InvalidInput(message, hint=hint) if isinstance(exc, UsageError) else CmError(message)
+    report_error(error)
+    return typer.Exit(error.exit_code if isinstance(exc, UsageError) else exc.exit_code)
+
+
+class _Boundary(Group):
+    """The root group: loads nouns lazily, and turns CmError, usage errors (and anything unexpected) into one
+    line on stderr and an exit code, never a traceback. Both the console script and CliRunner come through here
+    (`main` calls `make_context`, then `invoke`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        name_values(self, None)
 
     def list_commands(self, ctx: Any) -> list[str]:
         return [*super().list_commands(ctx), *NOUNS]
@@ -45,12 +68,7 @@ class _Boundary(TyperGroup):
         if cmd_name not in _built:
             from importlib import import_module
 
-            module = import_module(f"campaign_manager.cli.{cmd_name}")
-            command = typer.main.get_command(module.app)
-            command.name = cmd_name
-            # Typer builds each noun as a program of its own, with shell-completion options; those belong to `cm`.
-            command.params = [p for p in command.params if p.name not in ("install_completion", "show_completion")]
-            _built[cmd_name] = command
+            _built[cmd_name] = build(cmd_name, import_module(f"campaign_manager.cli.{cmd_name}").app)
         return _built[cmd_name]
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
@@ -59,12 +77,35 @@ class _Boundary(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            # Typer suggests only among the commands already built; the nouns load lazily, so suggest among all.
+            matches = get_close_matches(args[0], self.list_commands(ctx)) if args else []
+            if matches and "Did you mean" not in exc.message:
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {' or '.join(map(repr, matches))}?"
+            raise
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        # Parsing `cm`'s own options (`cm --bogus`) fails here, before `invoke`.
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except NoArgsIsHelpError:
+            raise  # `cm` alone: its help, on stderr, exit 2
+        except ClickException as exc:
+            raise _refuse(exc) from None
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except CmError as exc:
             report_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except NoArgsIsHelpError:
+            raise  # a noun alone (`cm group`): its help, on stderr, exit 2
+        except ClickException as exc:
+            raise _refuse(exc) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -85,7 +126,7 @@ app = typer.Typer(
 )
 
 
-@app.command("init")
+@app.command("init", cls=Command)
 def init(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing campaign.toml")] = False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,6 +72,26 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False) + "\n")
 
 
+# What a terminal would act on instead of showing: C0 controls, DEL, C1 controls (ESC and CSI start escape
+# sequences; CR and LF rewrite or split lines), and the bidirectional overrides and isolates, which reorder what
+# follows them ("Trojan Source").
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` safe to print for a person: control and bidi-override characters shown as `\\x1b`, `\\n`,
+    `\\u202e`, .... Only for people: --json, CSV and files keep the exact text. A backslash is left as it is."""
+    if text.isprintable():  # the common case, and the cheap test
+        return text
+    return _UNSAFE.sub(_escape_char, text)
+
+
 def _cell(value: Any) -> str:
     from datetime import datetime
 
@@ -79,10 +100,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M")
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
+        return escape_controls(", ".join(str(v) for v in value))
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
+        return escape_controls(", ".join(f"{k}={v}" for k, v in value.items()))
+    return escape_controls(str(value))
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str | None = None) -> None:
@@ -107,7 +128,8 @@ def print_record(record: dict[str, Any], *, fields: Sequence[str] | None = None)
 
     console = Console(soft_wrap=True, highlight=False)
     for key in fields or list(record):
-        console.print(f"[bold]{key.replace('_', ' ')}[/bold]: {escape(_cell(record.get(key)))}")
+        label = escape(escape_controls(key.replace("_", " ")))
+        console.print(f"[bold]{label}[/bold]: {escape(_cell(record.get(key)))}")
 
 
 def emit(data: Any, *, as_json: bool, render: Any) -> None:
@@ -121,14 +143,15 @@ def emit(data: Any, *, as_json: bool, render: Any) -> None:
 def info(ctx: typer.Context, message: str) -> None:
     """A message for a person: stderr, silenced by --quiet."""
     if not state(ctx).quiet:
-        typer.echo(message, err=True)
+        typer.echo(escape_controls(message), err=True)
 
 
 def report_error(exc: CmError) -> None:
+    """The one line a failure gets on stderr (escaped: a message may quote what the user or a file gave)."""
     line = f"error: {exc.message}"
     if exc.hint:
         line += f" ({exc.hint})"
-    typer.echo(line, err=True)
+    typer.echo(escape_controls(line), err=True)
 
 
 def report_unexpected(exc: BaseException, *, verbose: bool) -> None:
@@ -136,7 +159,7 @@ def report_unexpected(exc: BaseException, *, verbose: bool) -> None:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)", err=True)
+    typer.echo(escape_controls(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)"), err=True)
 
 
 def parse_attrs(values: Sequence[str] | None) -> dict[str, str]:

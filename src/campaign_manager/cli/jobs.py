@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
+from campaign_manager.cli._common import JsonOption, emit, escape_controls, info, print_record, print_table, state
 
 app = typer.Typer(
     name="jobs",
@@ -174,10 +174,11 @@ def render_job(data: dict[str, Any]) -> None:
         console.print("[bold]summary[/bold]:")
         width = max(len(COUNT_LABELS.get(key, key)) for key in data["counts"])
         for key, value in data["counts"].items():
-            console.print(f"  {COUNT_LABELS.get(key, key):<{width}}  {value}")
+            console.print(escape(escape_controls(f"  {COUNT_LABELS.get(key, key):<{width}}  {value}")))
     args = {k: v for k, v in data["args"].items() if k != "layout"}  # an import's CSV layout is noise here
     if args:
-        console.print("[bold]arguments[/bold]: " + escape(", ".join(f"{k}={v}" for k, v in args.items())))
+        shown = escape_controls(", ".join(f"{k}={v}" for k, v in args.items()))
+        console.print("[bold]arguments[/bold]: " + escape(shown))
 
 
 def _percent(progress: dict[str, Any]) -> str:

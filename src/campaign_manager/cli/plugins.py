@@ -6,10 +6,10 @@ import typer
 
 from campaign_manager.cli._common import JsonOption, emit, print_table
 
-app = typer.Typer(name="plugins", invoke_without_command=True)
+app = typer.Typer(name="plugins")
 
 
-@app.callback()
+@app.command()
 def plugins(as_json: JsonOption = False) -> None:
     """List the notifier plugins that loaded, and the ones that failed to.
 
