@@ -4,9 +4,10 @@ Staging (in the `cm` process that queues the job) refuses a file that cannot be 
 whole file into `job_file` chunks, so the worker never needs the original. Running (in a worker, or in-process
 with `--wait`) streams those chunks through the CSV reader and validates each address (`import_parse`: in a
 helper process on another core for a large file; fast path in `emails`); `import_sql` stages the good rows
-(multi-row inserts on SQLite, COPY on PostgreSQL) and applies them with a handful of set-based statements in ONE
-transaction, which also records the job's counts: a job re-run after a crash either finds that transaction
-committed and returns its counts, or starts over.
+(multi-row inserts on SQLite, COPY on PostgreSQL) and applies them with a handful of set-based statements per
+segment, each segment one transaction that also records the job's progress: a job run again after a crash (or an
+interruption, or `cm jobs retry`) goes on after its last committed segment, or finds itself finished and returns
+its counts. The rejected rows are read back (and written out, neutralised for spreadsheets) from here too.
 """
 
 from __future__ import annotations
@@ -177,11 +178,10 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
     )
     helper: ParseProcess | None = None
     chunks: Generator[bytes] | None = None
-    stopped = True
+    failed = False
     try:
         done = backend.start()
         if done is not None:
-            stopped = False
             return done
         chunks = _iter_chunks(url, job_id, size)
         batches: Iterator[Batch]
@@ -197,15 +197,16 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
                 progress(batch.position, size)
         if progress is not None:
             progress(size, size)
-        counts = backend.finish()
-        stopped = False
-        return counts
+        return backend.finish()
+    except BaseException:
+        failed = True
+        raise
     finally:
         if helper is not None:
             helper.close()
         if chunks is not None:
             chunks.close()  # its read session, now rather than whenever the generator is collected
-        backend.close(cancel=stopped)
+        backend.close(cancel=failed)
 
 
 # ---------------------------------------------------------------------------------------------- rejects
