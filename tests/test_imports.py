@@ -39,17 +39,17 @@ def news(cm: Callable[..., Run]) -> Callable[..., Run]:
 
 @pytest.fixture(params=["one-segment", "many-segments", "helper-process"])
 def segments(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the test with the whole file in one segment, with segments of two rows, read in batches of one, and
-    parsed by the helper process in batches of one: the counts must come out the same when duplicates and
-    updates span segments or batches."""
+    """Run the test with the whole file in one segment, with segments of two rows (each extended to the end of its
+    last address), read in batches of one, and parsed by the helper process in batches of one: the counts must
+    come out the same whatever the segments and batches."""
     if request.param == "helper-process":
         _use_helper(monkeypatch)
         monkeypatch.setattr(imports, "BATCH_ROWS", 1)
     if request.param == "many-segments":
         for dialect in import_sql.SEGMENT_ROWS:
             monkeypatch.setitem(import_sql.SEGMENT_ROWS, dialect, 2)
-        # SQLite, too, on a thread, as PostgreSQL runs
-        monkeypatch.setattr(import_sql.SqliteBackend, "threaded", True)
+        monkeypatch.setattr(import_sql, "FIRST_SQLITE_ROWS", 2)
+        monkeypatch.setattr(import_sql.SqliteBackend, "first_rows_auto", 2)
         monkeypatch.setattr(imports, "BATCH_ROWS", 1)
 
 

@@ -46,7 +46,7 @@ KEYS: dict[str, tuple[Any, type, str, str]] = {
         0,
         int,
         "CM_IMPORT_SEGMENT_ROWS",
-        "rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock ~0.5 s)",
+        "the most rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock ~0.5 s)",
     ),
     "jobs.keep_files_days": (
         7.0,

@@ -201,17 +201,6 @@ class ImportReject(SQLModel, table=True):
     reason: str = Field(nullable=False)
 
 
-class ImportKey(SQLModel, table=True):
-    """The addresses an import has applied so far. An import commits in segments; these let a later segment, or a
-    resumed run, tell a duplicate in the file from an address that was there before. Deleted when the job ends."""
-
-    __tablename__ = "import_key"
-    __table_args__ = {"sqlite_with_rowid": False}
-
-    job_id: int | None = _fk("job.id", primary_key=True)
-    key: str = Field(max_length=limits.EMAIL, primary_key=True)
-
-
 class Meta(SQLModel, table=True):
     """Small facts about the database as a whole (when staged uploads were last purged, say)."""
 

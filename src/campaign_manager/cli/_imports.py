@@ -33,12 +33,12 @@ def progress_bar(ctx: typer.Context, description: str) -> Iterator[Callable[[int
         yield lambda done, total: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        TaskProgressColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
@@ -76,11 +76,13 @@ def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str
         )
     data = jobs.describe_job(attempt.job)
     if signum and data["status"] == "cancelled":
-        applied = data["counts"].get("read", 0)
+        kept = data["counts"].get("created", 0) + data["counts"].get("added", 0)
+        what = "nothing was applied" if not data["counts"] else "what was applied is kept"
         info(
             ctx,
-            f"interrupted: import job {job_id} cancelled after {applied:,} rows were applied;"
-            f" `cm jobs retry {job_id}` imports the rest",
+            f"interrupted: import job {job_id} cancelled; {what}"
+            + (f" ({kept:,} recipients created or added)" if kept else "")
+            + f"; `cm jobs retry {job_id}` imports the rest",
         )
         raise typer.Exit(128 + signum)
     summarize(ctx, data)

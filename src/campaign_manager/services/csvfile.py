@@ -166,7 +166,6 @@ class RecordBatch(NamedTuple):
     lines: list[int]  # the line where each record starts
     rows: list[list[str]]  # the records, blank ones left out
     rejects: list[tuple[int, str, str]]  # (line, raw text, reason): records the reader itself refused
-    last_line: int  # the last line this batch read
     position: int  # bytes of the file consumed so far
 
 
@@ -263,11 +262,9 @@ def _ending(line: str) -> str:
     return "\r\n" if line.endswith("\r\n") else line[-1:] if line.endswith(("\r", "\n")) else ""
 
 
-def read_records(
-    chunks: Iterable[bytes], layout: CsvLayout, size: int, *, skip_through: int = 0
-) -> Iterator[RecordBatch]:
+def read_records(chunks: Iterable[bytes], layout: CsvLayout, size: int) -> Iterator[RecordBatch]:
     """The data records in batches of up to `size`, each with the line where it starts; the header and blank lines
-    are skipped, and so are the records that start on or before line `skip_through` (a resumed import). A record
+    are skipped. A record
     the reader cannot take (longer than RECORD_LIMIT characters, or holding a NUL) is a reject of its batch, and
     the rest of the file is read. Raises InvalidInput if the bytes stop decoding (staging checked they do).
 
@@ -314,12 +311,8 @@ def read_records(
                 rows, starts = list(compress(rows, keep)), list(compress(starts, keep))
             if lines.nul:
                 rows, starts = _without_nul(rows, starts, rejects, layout.delimiter)
-            if skip_through and starts and starts[0] <= skip_through:
-                keep = [line > skip_through for line in starts]
-                rows, starts = list(compress(rows, keep)), list(compress(starts, keep))
-                rejects = [r for r in rejects if r[0] > skip_through]
             if rows or rejects or not exhausted:
-                yield RecordBatch(starts, rows, rejects, prev, lines.position)
+                yield RecordBatch(starts, rows, rejects, lines.position)
     except UnicodeDecodeError:
         raise InvalidInput(
             f"the file stops being {layout.encoding} text after line {prev}", hint="pass --encoding"

@@ -50,15 +50,12 @@ class Batch(NamedTuple):
     rejects: list[tuple[int, str, str]]  # (line, the record as written, reason)
     read: int  # records read, valid or not
     position: int  # bytes of the file consumed so far
-    last_line: int  # the last line of the file this batch read: an import resumes after it
 
 
-def parse(
-    layout: CsvLayout, chunks: Iterator[bytes], forgotten: set[str], batch_rows: int, *, skip_through: int = 0
-) -> Iterator[Batch]:
-    """Every row of the file after line `skip_through`, parsed and validated, in batches."""
+def parse(layout: CsvLayout, chunks: Iterator[bytes], forgotten: set[str], batch_rows: int) -> Iterator[Batch]:
+    """Every row of the file, parsed and validated, in batches."""
     parser = Parser(layout, forgotten)
-    for records in read_records(chunks, layout, batch_rows, skip_through=skip_through):
+    for records in read_records(chunks, layout, batch_rows):
         yield parser.batch(records)
 
 
@@ -78,7 +75,7 @@ class Parser:
         rejects = list(records.rejects)
         read = len(rows) + len(rejects)
         if not rows:
-            return Batch([], rejects, read, records.position, records.last_line)
+            return Batch([], rejects, read, records.position)
         original = rows
         if min(map(len, rows)) < width:
             rows = [r if len(r) >= width else r + [""] * (width - len(r)) for r in rows]
@@ -108,7 +105,7 @@ class Parser:
             for i in sorted(problems):
                 rejects.append((lines[i], *keep_raw(format_row(original[i], layout.delimiter), problems[i])))
             staged = [row for i, row in enumerate(staged) if i not in problems]
-        return Batch(staged, rejects, read, records.position, records.last_line)
+        return Batch(staged, rejects, read, records.position)
 
 
 def _too_long(problems: dict[int, str], what: str, cells: list[str], limit: int) -> None:
@@ -185,7 +182,7 @@ def main() -> int:
     layout = CsvLayout.from_args(settings["layout"])
     parser = Parser(layout, settings["forgotten"])
     every = settings["share_every"]
-    records = read_records(chunks(), layout, settings["batch_rows"], skip_through=settings["skip_through"])
+    records = read_records(chunks(), layout, settings["batch_rows"])
     try:
         for n, batch in enumerate(records, 1):
             if not every or n % every:
@@ -217,8 +214,6 @@ class ParseProcess:
         forgotten: set[str],
         batch_rows: int,
         share_every: int = 0,
-        *,
-        skip_through: int = 0,
     ) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", __name__],
@@ -232,7 +227,6 @@ class ParseProcess:
             "forgotten": forgotten,
             "batch_rows": batch_rows,
             "share_every": share_every,
-            "skip_through": skip_through,
         }
         self._received: queue.Queue[bytes | None] = queue.Queue(maxsize=BUFFERED_BATCHES)
         self._send_error: BaseException | None = None

@@ -1,22 +1,25 @@
-"""The SQL side of an import: staging rows, then applying them in short, committed segments.
+"""The SQL side of an import: stage every row, then apply them in short, committed segments of addresses.
 
-Rows are staged into a temporary table as they arrive. Every `segment_rows` rows, and once at the end, the segment
-is applied in ONE transaction that also records the job's progress (the last line applied and the counts so far),
-so a run that stops, whatever the reason, leaves a consistent result that the next run resumes from, with exact
-counts. On SQLite only the apply holds the write lock (staging writes the temporary database, which needs none),
-and segments are sized from the last one so that the lock is held about half a second at a time: an opt-out
-typed during a million-row import waits at most that long, and the worker can renew its lease in between. On
-PostgreSQL every statement runs on a thread of its own, which holds the connection, so the server applies one
-segment while this process reads and validates the next (psycopg releases the GIL while it waits).
+While the file is read, its good rows are staged into a temporary table and its rejected rows into another; that
+takes no lock of the database (temporary tables live in a database of their own). Then the rows are sorted by
+address (and line), the rejected rows are stored, and the sorted rows are applied in segments: ranges of addresses,
+each holding every row of its addresses, each one transaction that also records the job's progress (the last
+address applied and the counts so far). Because no address spans two segments, each segment's counts are exact on
+their own (a duplicate in the file is always in the segment of its first line), and a run that stops, for whatever
+reason, leaves a consistent result: the next run stages the file again and applies only the addresses after the
+last one applied. On SQLite only a segment's transaction holds the write lock, and segments are sized from the last
+one so that it is held about LOCK_TARGET_S at a time: an opt-out typed during a million-row import waits at most
+about that long, and the worker can renew its lease in between.
 
 Each segment, in one transaction:
 1. check that this run still holds the job (a run that lost its lease commits nothing) and that its group or
-   campaign still exists; on PostgreSQL take a SHARE lock on `suppression`, so no `forget` runs meanwhile;
-2. if someone was forgotten since the import started, mark their staged rows (and drop their rejected rows);
-3. count the segment's addresses new to this import, and those of them suppressed (forgotten or opted out);
+   campaign still exists; on PostgreSQL take a SHARE lock on `suppression`, so that no `forget` runs meanwhile;
+2. if someone was forgotten since the import started, mark their staged rows (what the parsing side knew was
+   staged as `gone` already);
+3. count its rows, addresses, and addresses suppressed (forgotten or opted out);
 4. with --update-existing, update recipients that existed before the import, from the first line of each address;
-5. create the recipients that do not exist (the first line of an address wins), add the active ones to the group or
-   campaign, remember the segment's addresses in `import_key` (unless it is the last), store its rejected rows;
+5. create the recipients that do not exist (the first line of an address wins) and add the active ones to the
+   group or campaign;
 6. record the progress with the job (the last segment: the counts, and the staged file deleted).
 """
 
@@ -25,11 +28,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
@@ -42,37 +43,21 @@ from campaign_manager.services.jobs import JobLost
 
 log = logging.getLogger(__name__)
 
-# Rows per segment, unless `import.segment_rows` says otherwise. PostgreSQL: large enough that per-segment
-# statements cost little, small enough that the server works while the rest is parsed (1,000,000 rows: 25.6 s with
-# 200,000, 29.4 s with 50,000). SQLite: the first segment's size; the next ones are sized to hold the lock about
-# LOCK_TARGET_S.
-SEGMENT_ROWS = {"sqlite": 100_000, "postgresql": 200_000}
+# The most rows a segment applies, unless `import.segment_rows` says otherwise (then that is the most, and the
+# first). SQLite segments start at FIRST_SQLITE_ROWS and are sized from the last one to hold the write lock about
+# LOCK_TARGET_S; PostgreSQL, which has no such lock, applies them at the most.
+SEGMENT_ROWS = {"sqlite": 200_000, "postgresql": 200_000}
+FIRST_SQLITE_ROWS = 25_000
 LOCK_TARGET_S = 0.5
 MIN_SEGMENT_ROWS = 2_000
-# Batches the parsing side may queue ahead of the SQL thread: memory stays bounded (~20 MB of rows).
-QUEUE_TASKS = 12
-COUNT_KEYS = ("read", "created", "updated", "added", "already_member", "duplicates", "invalid", "suppressed")
-_TOTALS = ("read", "invalid", "staged", "distinct", "suppressed", "created", "updated", "added")
+REJECTS_PER_COMMIT = 20_000
+# What a segment adds up; the job's counts are these plus `read` and `invalid` (which the reading of the file knows).
+APPLIED = ("created", "updated", "added", "already_member", "duplicates", "suppressed")
 
 
 def _json(value: Any) -> dict[str, Any]:
     """A JSON column as a dict: SQLite hands back text, psycopg already-decoded values."""
     return dict(json.loads(value) if isinstance(value, str | bytes) else value or {})
-
-
-def counts_of(totals: dict[str, int]) -> dict[str, int]:
-    """What `cm jobs show` reports, from the running totals."""
-    t = totals
-    return {
-        "read": t["read"],
-        "created": t["created"],
-        "updated": t["updated"],
-        "added": t["added"],
-        "already_member": t["distinct"] - t["suppressed"] - t["added"],
-        "duplicates": t["staged"] - t["distinct"],
-        "invalid": t["invalid"],
-        "suppressed": t["suppressed"],
-    }
 
 
 @dataclass
@@ -83,39 +68,14 @@ class Claim:
     attempts: int
 
 
-@dataclass
-class _Segment:
-    """What has been staged since the last commit."""
-
-    rows: int = 0
-    read: int = 0
-    rejects: list[tuple[int, str, str]] = field(default_factory=list)
-    last_line: int = 0
-
-
 class Backend:
-    """Stage and apply one import job's rows. The public methods are called from the job's thread; with
-    `threaded`, they hand the work to the SQL thread, where `run` waits for an answer and `submit` does not (a
-    failure surfaces on the next call)."""
+    """Stage and apply one import job's rows, on a plain DB-API connection of its own: `start`, `add` every batch,
+    `finish`, and always `close`."""
 
-    threaded = True
     dialect = ""
     # A large import is parsed by a helper process (import_parse.ParseProcess); every Nth batch of it is validated
     # by the job's process instead, when that has time to spare (0: never).
     helper_share = 0
-
-    param = "?"
-    json_param = "?"
-    # The SQL function that finds a substring (SQLite instr, PostgreSQL strpos).
-    find = "instr"
-    # update_existing's dialect pieces: the first staged row of each address new to this import that is already
-    # a recipient; the stored attributes with new ones merged in; a null-safe "differs"; the cast to the column.
-    first_rows = ""
-    merged_attrs = ""
-    differs = ""
-    to_json = ""
-    # The staged attributes (JSON text) as the column's type.
-    attributes = "u.attributes"
 
     def __init__(
         self,
@@ -129,135 +89,28 @@ class Backend:
         forgotten_at: datetime | None = None,
     ) -> None:
         self.engine, self.job_id, self.args, self.claim = engine, job_id, args, claim
-        self.segment_rows = segment_rows or SEGMENT_ROWS[self.dialect]
-        self.max_rows = self.segment_rows
+        self.max_rows = segment_rows or SEGMENT_ROWS[self.dialect]
+        self.segment_rows = segment_rows or min(self.max_rows, self.first_rows_auto)
         self.forgotten = set(forgotten or ())  # what the parsing side knew: its rows came staged as gone
-        self.late: set[str] = set()  # hashes of people forgotten since: looked for in every segment after
+        self.late: set[str] = set()  # hashes of people forgotten since, looked for in every segment
         self.forgotten_at = forgotten_at or datetime.now(UTC)
-        self.totals = dict.fromkeys(_TOTALS, 0)
-        self.line = 0  # the last line a committed segment applied
+        self.read = self.invalid = 0
+        self.applied = dict.fromkeys(APPLIED, 0)  # what the committed segments did
+        self.last_key: str | None = None  # the last address a committed segment applied
+        self.rejects_line = 0  # rejected rows through this line are stored
         self.segments = 0
-        self.keys_stored = False  # whether import_key holds this job's addresses
         self.max_lock = 0.0
-        self.segment = _Segment()
         self.now: Any = None
         self.raw: Any = None
         self.cur: Any = None
-        self._tasks: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], queue.Queue[Any] | None] | None]
-        self._tasks = queue.Queue(maxsize=QUEUE_TASKS)
-        self._error: BaseException | None = None
-        self._busy = threading.Event()  # the SQL thread is running a task
-        self._thread: threading.Thread | None = None
-        if self.threaded:
-            self._thread = threading.Thread(target=self._serve, name=f"import-{job_id}", daemon=True)
-            self._thread.start()
-        else:
-            self._open()
+        self.raw = self.connect()
+        self.cur = self.raw.cursor()
 
-    # -- the calling side -------------------------------------------------------------------------------------
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._thread is None:
-            self._execute(fn, args)
-        else:
-            self._tasks.put((fn, args, None))
-        if self._error is not None:
-            raise self._error
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._thread is None:
-            result = self._execute(fn, args)
-        else:
-            reply: queue.Queue[Any] = queue.Queue(maxsize=1)
-            self._tasks.put((fn, args, reply))
-            result = reply.get()
-        if self._error is not None:
-            raise self._error
-        return result
-
-    def close(self, *, cancel: bool = False) -> None:
-        """Stop the SQL thread; the segment in progress is rolled back and the connection closed. `cancel` stops a
-        statement the server is running now (an interrupted `--wait`)."""
-        if self._thread is None:
-            self._close()
-            return
-        if cancel and self._busy.is_set():
-            self.cancel()
-        self._tasks.put(None)
-        self._thread.join()
+    # -- reading ----------------------------------------------------------------------------------------------
 
     def start(self) -> dict[str, Any] | None:
-        """Open the connection; the stored counts if a run before this one already finished the job. Otherwise
-        `line` is where this run resumes (0: from the start)."""
-        return self.run(self._start)  # type: ignore[no-any-return]
-
-    def add(self, batch: Batch) -> None:
-        """Stage a batch; apply the segment when it is full."""
-        seg = self.segment
-        seg.read += batch.read
-        seg.rejects.extend(batch.rejects)
-        seg.last_line = max(seg.last_line, batch.last_line)
-        if batch.rows:
-            self.submit(self.stage, batch.rows)
-            seg.rows += len(batch.rows)
-        if seg.rows >= self.segment_rows:
-            self.segment = _Segment()
-            self.submit(self._apply, seg, False)
-
-    def finish(self) -> dict[str, int]:
-        """Apply what is left and finish the job in the same transaction. Returns the counts."""
-        seg, self.segment = self.segment, _Segment()
-        return self.run(self._apply, seg, True)  # type: ignore[no-any-return]
-
-    # -- the SQL thread ---------------------------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        self._open()
-        while (task := self._tasks.get()) is not None:
-            fn, args, reply = task
-            self._busy.set()
-            result = self._execute(fn, args)
-            self._busy.clear()
-            if reply is not None:
-                reply.put(result)
-        self._close()
-
-    def _open(self) -> None:
-        try:
-            self.raw = self.connect()
-            self.cur = self.raw.cursor()
-        except BaseException as exc:
-            self._error = exc
-
-    def _execute(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        """Run one task; after a failure, skip the rest (the caller sees the error on its next call)."""
-        if self._error is not None:
-            return None
-        try:
-            return fn(*args)
-        except BaseException as exc:
-            self._error = exc
-            return None
-
-    def _close(self) -> None:
-        if self.raw is None:
-            return
-        try:
-            self.raw.rollback()
-        finally:
-            self.disconnect()  # its temporary tables go with it
-
-    def sql(self, statement: str, params: tuple[Any, ...] = ()) -> Any:
-        started = time.perf_counter()
-        self.cur.execute(statement.replace("?", self.param), params)
-        log.debug("%.3fs %s", time.perf_counter() - started, statement[:100])
-        return self.cur
-
-    def scalar(self, statement: str, params: tuple[Any, ...] = ()) -> Any:
-        row = self.sql(statement, params).fetchone()
-        return None if row is None else row[0]
-
-    def _start(self) -> dict[str, Any] | None:
+        """The stored counts if a run before this one finished the job; otherwise get ready to stage its rows,
+        resuming after what an earlier run committed."""
         self.open_session()
         row = self.sql("SELECT result, counts FROM job WHERE id = ?", (self.job_id,)).fetchone()
         if row is None:
@@ -267,61 +120,142 @@ class Backend:
             self.raw.rollback()
             return _json(row[1])  # a run before us finished; do not apply twice
         resume = result.get("resume") or {}
-        self.line, self.segments = int(resume.get("line", 0)), int(resume.get("segments", 0))
-        self.keys_stored = bool(resume.get("keys_stored", False))
-        self.totals.update(resume.get("totals") or {})
+        self.last_key, self.segments = resume.get("key"), int(resume.get("segments", 0))
+        self.rejects_line = int(resume.get("rejects_line", 0))
+        self.applied.update(resume.get("applied") or {})
         self._check_target()  # fail at once, before reading a file for a group that is gone
         self.now = self.timestamp(datetime.now(UTC))
+        self.raw.commit()
         # email is NULL when it equals the key; attributes is the text of a JSON object.
         self.sql(
             "CREATE TEMP TABLE cm_seg (line INTEGER PRIMARY KEY, key TEXT NOT NULL, email TEXT, name TEXT,"
             " gone INTEGER NOT NULL, normalized INTEGER NOT NULL, attributes TEXT NOT NULL)"
         )
-        self.raw.commit()
+        self.sql("CREATE TEMP TABLE cm_rejects (line INTEGER NOT NULL, raw TEXT NOT NULL, reason TEXT NOT NULL)")
         return None
 
-    def _apply(self, seg: _Segment, final: bool) -> dict[str, int]:
-        """Apply a segment in one transaction (see the module's docstring). The running totals change only once it
-        has committed."""
-        src, order = self.prepare() if seg.rows else ("cm_seg", "u.line")
-        t, keys_stored = dict(self.totals), self.keys_stored
+    def add(self, batch: Batch) -> None:
+        """Stage a batch (its good rows, and its rejected ones)."""
+        self.read += batch.read
+        self.invalid += len(batch.rejects)
+        if batch.rows:
+            self.insert_rows("cm_seg", (), batch.rows)
+        if batch.rejects:
+            self.insert_rows("cm_rejects", (), batch.rejects)
+
+    # -- applying ---------------------------------------------------------------------------------------------
+
+    def finish(self, progress: Callable[[float], None] | None = None) -> dict[str, int]:
+        """Sort the staged rows, store the rejected ones, apply the rows in segments; the job's counts.
+        `progress(share applied)` is called after each commit (a worker that gives the job back stops there)."""
+        self.raw.commit()  # the staging
+        positions = self.sort()
+        self._store_rejects(progress)
+        first = self._first_position(positions)
+        while True:
+            last = self._segment_end(first, positions)
+            counts = self._apply(first, last, final=last >= positions)
+            if last >= positions:
+                break
+            first = last + 1
+            if progress is not None:
+                progress(last / positions)
+        self._finished()
+        return counts
+
+    def _first_position(self, positions: int) -> int:
+        """Where this run starts applying: after the last address a committed segment applied."""
+        if self.last_key is None:
+            return 1
+        found = self.scalar(
+            f"SELECT {self.pos} FROM cm_sorted WHERE key > ? ORDER BY {self.pos} LIMIT 1", (self.last_key,)
+        )
+        return positions + 1 if found is None else int(found)
+
+    def _segment_end(self, first: int, positions: int) -> int:
+        """The last position of the segment starting at `first`: about segment_rows rows, extended to the end of
+        its last address (so that no address spans two segments)."""
+        end = first + self.segment_rows - 1
+        if end >= positions:
+            return positions
+        key = self.scalar(f"SELECT key FROM cm_sorted WHERE {self.pos} = ?", (end,))
+        after = self.scalar(
+            f"SELECT {self.pos} FROM cm_sorted WHERE {self.pos} > ? AND key <> ? ORDER BY {self.pos} LIMIT 1",
+            (end, key),
+        )
+        return positions if after is None else int(after) - 1
+
+    def _store_rejects(self, progress: Callable[[float], None] | None) -> None:
+        """The rejected rows, into import_reject, a few thousand a transaction (a broken file can have millions:
+        never one long hold of the lock); the progress says how far, so a resumed run does not store them twice."""
+        while True:
+            lines = [
+                int(line)
+                for (line,) in self.sql(
+                    f"SELECT line FROM cm_rejects WHERE line > ? ORDER BY line LIMIT {REJECTS_PER_COMMIT}",
+                    (self.rejects_line,),
+                ).fetchall()
+            ]
+            if not lines:
+                return
+            self.lock()
+            try:
+                self._check_still_ours()
+                self._recheck_forgotten()
+                rejects = self.sql(
+                    "SELECT line, raw, reason FROM cm_rejects WHERE line > ? AND line <= ?",
+                    (self.rejects_line, lines[-1]),
+                ).fetchall()
+                if self.late:
+                    rejects = [r for r in rejects if not self._names_forgotten(r[1])]
+                if rejects:
+                    rows = [(self.job_id, *reject) for reject in rejects]
+                    self.insert_rows("import_reject", ("job_id", "line", "raw", "reason"), rows)
+                self._record({"rejects_line": lines[-1]})
+                self.raw.commit()
+            except BaseException:
+                self.raw.rollback()
+                raise
+            self.rejects_line = lines[-1]
+            if progress is not None:
+                progress(0.0)
+
+    def _apply(self, first: int, last: int, *, final: bool) -> dict[str, int]:
+        """Apply the rows at positions first..last in one transaction (see the module's docstring). What the run
+        has applied changes only once it has committed."""
+        applied = dict(self.applied)
+        key = self.last_key
         locked = self.lock()
         try:
             self._check_still_ours()
-            self._recheck_forgotten(src, seg)
-            if seg.rows:
-                keys_stored = self._apply_rows(src, order, t, remember=not final)
-            t["read"] += seg.read
-            t["invalid"] += len(seg.rejects)
-            if seg.rejects:
-                rejects = [(self.job_id, line, raw, reason) for line, raw, reason in seg.rejects]
-                self.insert_rows("import_reject", ("job_id", "line", "raw", "reason"), rejects)
-            line, segments, counts = max(self.line, seg.last_line), self.segments + 1, counts_of(t)
+            self._recheck_forgotten(first, last)
+            if first <= last:
+                self._apply_rows(first, last, applied)
+                key = self.scalar(f"SELECT key FROM cm_sorted WHERE {self.pos} = ?", (last,))
+            counts = {"read": self.read, "invalid": self.invalid, **applied}
             if final:
                 self.sql("DELETE FROM job_file WHERE job_id = ?", (self.job_id,))
-                result: dict[str, Any] = {"committed": True, "segments": segments}
-                self.sql(
-                    f"UPDATE job SET counts = {self.json_param}, result = {self.merged_result} WHERE id = ?",
-                    (json.dumps(counts), json.dumps(result), self.job_id),
-                )
+                self.sql(f"UPDATE job SET counts = {self.json_param} WHERE id = ?", (json.dumps(counts), self.job_id))
+                self._record({"committed": True, "segments": self.segments + 1})
             else:
-                resume = {"line": line, "segments": segments, "keys_stored": keys_stored, "totals": t}
-                result = {"resume": resume, "partial": counts}
-                params = (json.dumps(result), self.job_id)
-                self.sql(f"UPDATE job SET result = {self.merged_result} WHERE id = ?", params)
+                resume = {"key": key, "segments": self.segments + 1, "rejects_line": self.rejects_line}
+                self._record({"resume": {**resume, "applied": applied}, "partial": counts})
             self.raw.commit()
         except BaseException:
             self.raw.rollback()
             raise
-        finally:
-            self._after_segment(time.perf_counter() - locked, seg.rows)
-        self.totals, self.keys_stored, self.line, self.segments = t, keys_stored, line, segments
-        if final:
-            self._finished()
+        held = time.perf_counter() - locked
+        self.applied, self.last_key, self.segments = applied, key, self.segments + 1
+        self.checkpoint()
+        self._size_next(held, last - first + 1)
         return counts
 
+    def _record(self, values: dict[str, Any]) -> None:
+        """Set these keys of the job's result (in the transaction in progress)."""
+        self.sql(f"UPDATE job SET result = {self.merged_result} WHERE id = ?", (json.dumps(values), self.job_id))
+
     def _check_still_ours(self) -> None:
-        """Inside the segment's transaction: the job is still this run's, and its target still exists."""
+        """Inside a transaction: the job is still this run's, and its target still exists."""
         found = self.sql(f"SELECT status, worker, attempts FROM job WHERE id = ?{self.for_update}", (self.job_id,))
         row = found.fetchone()
         if row is None:
@@ -340,19 +274,18 @@ class Backend:
             what = f"{target['type']} {target['id']}"
             raise CmError(f"{what} no longer exists", hint="it was deleted after the import was queued")
 
-    def _recheck_forgotten(self, src: str, seg: _Segment) -> None:
-        """People forgotten since this import started: their staged rows count as suppressed and their rejected
-        rows are dropped, whatever the parsing side knew (the usual case: nobody was, and this is one query)."""
+    def _recheck_forgotten(self, first: int = 0, last: int = -1) -> None:
+        """People forgotten since this import started: their staged rows at positions first..last count as
+        suppressed, and their rejected rows are not stored (the usual case: nobody was, and this is one query)."""
         since = self.timestamp(self.forgotten_at - timedelta(minutes=5))  # clocks of other machines may differ
         found = {h for (h,) in self.sql("SELECT email_hash FROM suppression WHERE created_at >= ?", (since,))}
         self.late |= found - self.forgotten
-        if not self.late:
+        if not self.late or first > last:
             return
-        if seg.rows:
-            keys = [k for (k,) in self.sql(f"SELECT DISTINCT key FROM {src} WHERE gone = 0").fetchall()]
-            for key in (k for k in keys if email_hash(k) in self.late):
-                self.sql(f"UPDATE {src} SET gone = 1 WHERE key = ?", (key,))
-        seg.rejects = [r for r in seg.rejects if not self._names_forgotten(r[1])]
+        in_range = f"{self.pos} BETWEEN ? AND ?"
+        keys = self.sql(f"SELECT DISTINCT key FROM cm_sorted WHERE {in_range} AND gone = 0", (first, last))
+        for key in [k for (k,) in keys.fetchall() if email_hash(k) in self.late]:
+            self.sql(f"UPDATE cm_sorted SET gone = 1 WHERE {in_range} AND key = ?", (first, last, key))
 
     def _names_forgotten(self, raw: str) -> bool:
         layout = self.args["layout"]
@@ -362,27 +295,22 @@ class Backend:
         normalized, reason = check_email(unquote_cells([fields[layout["email_index"]]])[0])
         return reason is None and email_hash(normalized.lower()) in self.late
 
-    def _apply_rows(self, src: str, order: str, t: dict[str, int], *, remember: bool) -> bool:
-        """Count, create, add and remember the segment's rows into `t`; whether import_key now holds addresses."""
-        # The addresses this import has not applied before: all of them in its first segment.
-        new = f"NOT EXISTS (SELECT 1 FROM import_key k WHERE k.job_id = {int(self.job_id)} AND k.key = s.key)"
-        new = new if self.keys_stored else "1 = 1"
-        t["staged"] += int(self.scalar(f"SELECT count(*) FROM {src}"))
-        t["distinct"] += int(self.scalar(f"SELECT count(DISTINCT s.key) FROM {src} s WHERE {new}"))
-        # An import changes no one's status: who is opted out now was opted out before it.
-        t["suppressed"] += int(
-            self.scalar(
-                f"SELECT count(DISTINCT s.key) FROM {src} s LEFT JOIN recipient r ON r.email_key = s.key"
-                f" WHERE {new} AND (s.gone = 1 OR r.status = 'opted_out')"
-            )
-        )
+    def _apply_rows(self, first: int, last: int, applied: dict[str, int]) -> None:
+        """Count, create and add the rows at positions first..last, into `applied`."""
+        in_range = f"u.{self.pos} BETWEEN {int(first)} AND {int(last)}"
+        # One pass for the counts. An import changes no one's status: who is opted out now was opted out before.
+        rows, distinct, suppressed = self.sql(
+            "SELECT count(*), count(DISTINCT u.key),"
+            " count(DISTINCT CASE WHEN u.gone = 1 OR r.status = 'opted_out' THEN u.key END)"
+            f" FROM cm_sorted u LEFT JOIN recipient r ON r.email_key = u.key WHERE {in_range}"
+        ).fetchone()
         attrs = self.attributes
         if self.args.get("update_existing"):
-            t["updated"] += self._update_existing(src, attrs, new)
-        t["created"] += self.sql(
+            applied["updated"] += self._update_existing(in_range, attrs)
+        applied["created"] += self.sql(
             "INSERT INTO recipient (email, email_key, name, phone, attributes, status, created_at, updated_at)"
-            f" SELECT {self.normalized_email}, u.key, u.name, NULL, {attrs}, 'active', ?, ? FROM {src} u"
-            f" WHERE u.gone = 0 ORDER BY {order} ON CONFLICT (email_key) DO NOTHING",
+            f" SELECT {self.normalized_email}, u.key, u.name, NULL, {attrs}, 'active', ?, ? FROM cm_sorted u"
+            f" WHERE {in_range} AND u.gone = 0 ORDER BY u.{self.pos} ON CONFLICT (email_key) DO NOTHING",
             (self.now, self.now),
         ).rowcount
         self.analyze("recipient", first_only=True)
@@ -393,16 +321,15 @@ class Backend:
         else:
             link = "INSERT INTO campaign_recipient (campaign_id, recipient_id) SELECT ?, r.id"
             params = (target["id"],)
-        t["added"] += self.sql(
-            f"{link} FROM {src} u JOIN recipient r ON r.email_key = u.key"
-            f" WHERE u.gone = 0 AND r.status = 'active' ORDER BY {order} ON CONFLICT DO NOTHING",
+        added = self.sql(
+            f"{link} FROM cm_sorted u JOIN recipient r ON r.email_key = u.key"
+            f" WHERE {in_range} AND u.gone = 0 AND r.status = 'active' ORDER BY u.{self.pos} ON CONFLICT DO NOTHING",
             params,
         ).rowcount
-        if not remember:
-            return self.keys_stored
-        job = int(self.job_id)
-        self.sql(f"INSERT INTO import_key (job_id, key) SELECT DISTINCT {job}, s.key FROM {src} s WHERE {new}")
-        return True
+        applied["added"] += added
+        applied["duplicates"] += int(rows) - int(distinct)
+        applied["suppressed"] += int(suppressed)
+        applied["already_member"] += int(distinct) - int(suppressed) - added
 
     @property
     def normalized_email(self) -> str:
@@ -412,10 +339,10 @@ class Backend:
         domain_lowered = f"substr(u.email, 1, {at}) || lower(substr(u.email, {at} + 1))"
         return f"CASE WHEN u.email IS NULL THEN u.key WHEN u.normalized = 1 THEN u.email ELSE {domain_lowered} END"
 
-    def _update_existing(self, src: str, attrs: str, new: str) -> int:
+    def _update_existing(self, in_range: str, attrs: str) -> int:
         """--update-existing: overwrite the stored name and attributes of active recipients that were there before
         the import, from the first line of each address. Returns how many changed."""
-        first = self.first_rows.format(src=src, new=new)
+        first = self.first_rows.format(in_range=in_range)
         new_name = "COALESCE(u.name, recipient.name)"
         new_attrs = self.merged_attrs.format(attrs=attrs)
         old_attrs = self.merged_attrs.format(attrs="'{}'")
@@ -428,37 +355,60 @@ class Backend:
             ).rowcount
         )
 
-    def _after_segment(self, held: float, rows: int) -> None:
-        """Empty the staging table; size the next segment from how long this one held the lock."""
-        self.end_segment()
+    def _size_next(self, held: float, rows: int) -> None:
+        """Size the next segment from how long this one held the lock."""
         self.max_lock = max(self.max_lock, held)
         log.debug("import %d: segment of %d rows applied in %.3fs", self.job_id, rows, held)
-        if rows and held > LOCK_TARGET_S and self.adaptive:
+        if not self.adaptive:
+            return
+        if rows and held > LOCK_TARGET_S:
             self.segment_rows = max(MIN_SEGMENT_ROWS, int(rows * LOCK_TARGET_S / held))
         elif rows >= self.segment_rows and held < LOCK_TARGET_S / 2:
             self.segment_rows = min(self.max_rows, self.segment_rows * 2)
 
     def _finished(self) -> None:
-        """After the last commit: note the longest segment transaction (`make bench` reports it), and delete the
-        addresses kept for resuming, in short transactions (never holding the lock long)."""
+        """After the last commit, note the longest segment transaction (`make bench` reports it)."""
         self.lock()
-        params = (json.dumps({"max_lock_seconds": round(self.max_lock, 3)}), self.job_id)
-        self.sql(f"UPDATE job SET result = {self.merged_result} WHERE id = ?", params)
+        self._record({"max_lock_seconds": round(self.max_lock, 3)})
         self.raw.commit()
-        while self.keys_stored:
-            self.lock()
-            deleted = self.sql(
-                "DELETE FROM import_key WHERE job_id = ? AND key IN (SELECT key FROM import_key WHERE job_id = ?"
-                f" LIMIT {MIN_SEGMENT_ROWS * 25})",
-                (self.job_id, self.job_id),
-            ).rowcount
-            self.raw.commit()
-            if not deleted:
-                return
+
+    # -- the connection ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Roll back what is not committed and close the connection (its temporary tables go with it)."""
+        if self.raw is None:
+            return
+        try:
+            self.raw.rollback()
+        finally:
+            self.disconnect()
+            self.raw = None
+
+    def sql(self, statement: str, params: tuple[Any, ...] = ()) -> Any:
+        started = time.perf_counter()
+        self.cur.execute(statement.replace("?", self.param), params)
+        log.debug("%.3fs %s", time.perf_counter() - started, statement[:100])
+        return self.cur
+
+    def scalar(self, statement: str, params: tuple[Any, ...] = ()) -> Any:
+        row = self.sql(statement, params).fetchone()
+        return None if row is None else row[0]
 
     # -- dialect ----------------------------------------------------------------------------------------------
 
+    param = "?"
+    json_param = "?"
+    find = "instr"  # the SQL function that finds a substring (SQLite instr, PostgreSQL strpos)
+    pos = "rowid"  # the column of cm_sorted that numbers its rows in address order, from 1
+    # update_existing's dialect pieces: the first staged row of each address in a range that is already a
+    # recipient; the stored attributes with new ones merged in; a null-safe "differs"; the cast to the column.
+    first_rows = ""
+    merged_attrs = ""
+    differs = ""
+    to_json = ""
+    attributes = "u.attributes"  # the staged attributes (JSON text) as the column's type
     adaptive = False  # whether segments are sized by how long they hold the lock
+    first_rows_auto = 1 << 62  # the first segment's size when the setting is automatic (capped by max_rows)
     for_update = ""  # locks the job row for the segment's transaction
     key_share = ""  # keeps the target row from being deleted until the segment commits
     merged_result = ""  # the job's result with a JSON object's keys set
@@ -473,49 +423,41 @@ class Backend:
         """Session settings, before the first temporary table is touched."""
 
     def lock(self) -> float:
-        """Start the segment's transaction (PostgreSQL has started one with the first statement); its start time."""
+        """Start a transaction that writes cm's tables (PostgreSQL has started one with the first statement);
+        its start time."""
         return time.perf_counter()
 
     def lock_suppressions(self) -> None:
-        """Keep `forget` out until the segment commits (SQLite's write lock already does)."""
+        """Keep `forget` out until the transaction commits (SQLite's write lock already does)."""
 
-    def cancel(self) -> None:
-        """Stop the statement the SQL thread is running."""
+    def checkpoint(self) -> None:
+        """After a segment's commit (SQLite: move the WAL into the database, without holding the lock)."""
 
     def timestamp(self, now: datetime) -> Any:
         return now
 
-    def stage(self, rows: list[tuple[Any, ...]]) -> None:
-        self.insert_rows("cm_seg", (), rows)
-
     def insert_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
 
-    def prepare(self) -> tuple[str, str]:
-        """The table to read the segment from, and the order that puts each address's first line first."""
-        self.analyze("cm_seg")
-        return "cm_seg", "u.line"
+    def sort(self) -> int:
+        """cm_sorted: the staged rows in address order (then line), numbered from 1 in `pos`; how many."""
+        raise NotImplementedError
 
     def analyze(self, table: str, *, first_only: bool = False) -> None:
         """Refresh the planner's statistics (PostgreSQL plans for a table as it was when last analyzed)."""
 
-    def end_segment(self) -> None:
-        self.sql("DELETE FROM cm_seg")
-
 
 class SqliteBackend(Backend):
     dialect = "sqlite"
-    # Staging rows binds every value under the GIL, so on SQLite a second thread only contends with the parsing
-    # one (measured: no faster, and twice the peak memory from per-thread malloc arenas). Run inline.
-    threaded = False
     adaptive = True
+    first_rows_auto = FIRST_SQLITE_ROWS
     # Waiting for the helper, the job's process is idle: validating every third batch itself, the parsing ends at
     # 3.5 s instead of 4.45 s (1,000,000 rows; every second batch: slower, every fifth: no better).
     helper_share = 3
     # SQLite takes bare columns from the row min() picked: the first line of each address.
     first_rows = (
-        "(SELECT min(s.line) AS line, s.key, s.name, s.attributes FROM {src} s"
-        " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 AND {new} GROUP BY s.key)"
+        "(SELECT min(u.line) AS line, u.key, u.name, u.attributes FROM cm_sorted u"
+        " JOIN recipient r ON r.email_key = u.key WHERE {in_range} AND u.gone = 0 GROUP BY u.key)"
     )
     merged_attrs = "json_patch(recipient.attributes, {attrs})"
     differs = "IS NOT"
@@ -534,6 +476,10 @@ class SqliteBackend(Backend):
 
     def open_session(self) -> None:
         self.sql("PRAGMA cache_size = -16000")
+        # A commit that fills the WAL past 1,000 pages checkpoints it before returning: seconds for a large segment.
+        # The write lock is free by then, but nothing else of the import moves; checkpoint(), after each segment,
+        # does the same work at a moment of its choosing, and the lock hold it measures is the lock's alone.
+        self.sql("PRAGMA wal_autocheckpoint = 0")
 
     def lock(self) -> float:
         # The write lock, taken up front (a deferred transaction that reads first can fail to upgrade), and only
@@ -541,16 +487,17 @@ class SqliteBackend(Backend):
         self.sql("BEGIN IMMEDIATE")
         return time.perf_counter()
 
+    def checkpoint(self) -> None:
+        self.sql("PRAGMA wal_checkpoint(PASSIVE)")
+
     def timestamp(self, now: datetime) -> Any:
         return now.strftime("%Y-%m-%d %H:%M:%S.%f")  # how SQLAlchemy stores DateTime on SQLite
 
-    def stage(self, rows: list[tuple[Any, ...]]) -> None:
-        self.sql("BEGIN")
-        super().stage(rows)
-        self.sql("COMMIT")
-
     def insert_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        # One INSERT with many VALUES tuples costs half what executemany does per row, and runs as one step.
+        # One INSERT with many VALUES tuples costs half what executemany does per row, and runs as one step. The
+        # staging tables are written inside one transaction of the temporary database (BEGIN at the first row).
+        if not self.raw.in_transaction:
+            self.sql("BEGIN")
         width = len(rows[0])
         step = self.rows_per_insert
         one = "(" + ", ".join("?" * width) + ")"
@@ -561,17 +508,13 @@ class SqliteBackend(Backend):
                 f"INSERT INTO {table}{names} VALUES {', '.join([one] * len(part))}", list(chain.from_iterable(part))
             )
 
-    def prepare(self) -> tuple[str, str]:
-        # A sorted copy, read in rowid order, makes every later pass walk the rows in key order: the email_key
-        # index, the new ids and the memberships are written in order instead of at random, and each address's
-        # first line comes first (at 300,000 rows: 1.7 s against 2.4 s unsorted, the sort included).
-        self.sql("DROP TABLE IF EXISTS cm_sorted")
+    def sort(self) -> int:
+        # A sorted copy, read in rowid order, makes every pass walk the rows in address order: the email_key index,
+        # the new ids and the memberships are written in order instead of at random (at 300,000 rows: 1.7 s against
+        # 2.4 s unsorted, the sort included), and each address's first line comes first.
         self.sql("CREATE TEMP TABLE cm_sorted AS SELECT * FROM cm_seg ORDER BY key, line")
-        return "cm_sorted", "u.rowid"
-
-    def end_segment(self) -> None:
-        self.sql("DELETE FROM cm_seg")
-        self.sql("DROP TABLE IF EXISTS cm_sorted")
+        self.sql("DROP TABLE cm_seg")
+        return int(self.scalar("SELECT coalesce(max(rowid), 0) FROM cm_sorted"))
 
 
 class PostgresBackend(Backend):
@@ -579,9 +522,10 @@ class PostgresBackend(Backend):
     param = "%s"
     json_param = "%s::json"
     find = "strpos"
+    pos = "pos"
     first_rows = (
-        "(SELECT DISTINCT ON (s.key) s.line, s.key, s.name, s.attributes FROM {src} s"
-        " JOIN recipient r ON r.email_key = s.key WHERE s.gone = 0 AND {new} ORDER BY s.key, s.line)"
+        "(SELECT DISTINCT ON (u.key) u.line, u.key, u.name, u.attributes FROM cm_sorted u"
+        " JOIN recipient r ON r.email_key = u.key WHERE {in_range} AND u.gone = 0 ORDER BY u.key, u.line)"
     )
     merged_attrs = "(recipient.attributes::jsonb || ({attrs})::jsonb)"
     differs = "IS DISTINCT FROM"
@@ -593,7 +537,7 @@ class PostgresBackend(Backend):
     _analyzed = False
 
     def open_session(self) -> None:
-        # The default 8 MB of temp_buffers cannot hold a segment and the statements would spill to disk.
+        # The default 8 MB of temp_buffers cannot hold the staged rows and the statements would spill to disk.
         self.sql("SET temp_buffers = '256MB'")
         self.sql("SET work_mem = '64MB'")
 
@@ -603,14 +547,20 @@ class PostgresBackend(Backend):
         # `suppression` after this is what stays true until it commits.
         self.sql("LOCK TABLE suppression IN SHARE MODE")
 
-    def cancel(self) -> None:
-        self.raw.driver_connection.cancel_safe()
-
     def insert_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         names = f" ({', '.join(columns)})" if columns else ""
         with self.cur.copy(f"COPY {table}{names} FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+    def sort(self) -> int:
+        self.sql("CREATE TEMP TABLE cm_sorted AS SELECT row_number() OVER (ORDER BY key, line) AS pos, * FROM cm_seg")
+        self.sql("DROP TABLE cm_seg")
+        self.sql("ALTER TABLE cm_sorted ADD PRIMARY KEY (pos)")
+        self.sql("ANALYZE cm_sorted")
+        positions = int(self.scalar("SELECT count(*) FROM cm_sorted"))
+        self.raw.commit()
+        return positions
 
     def analyze(self, table: str, *, first_only: bool = False) -> None:
         # Without fresh statistics PostgreSQL plans the joins for the tables as they were (a nested loop over what
@@ -620,6 +570,3 @@ class PostgresBackend(Backend):
                 return
             self._analyzed = True
         self.sql(f"ANALYZE {table}")
-
-    def end_segment(self) -> None:
-        self.sql("TRUNCATE cm_seg")

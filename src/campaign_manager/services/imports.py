@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 KIND = "import"
 # From this size (about 130,000 rows of a typical file) an import parses in a helper process.
 HELPER_MIN_BYTES = 8 << 20
+HALF = 500  # a job's progress goes from 0 to 2 * HALF
 Progress = Callable[[int, int], None]
 
 
@@ -178,7 +179,6 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
     )
     helper: ParseProcess | None = None
     chunks: Generator[bytes] | None = None
-    failed = False
     try:
         done = backend.start()
         if done is not None:
@@ -186,27 +186,23 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         chunks = _iter_chunks(url, job_id, size)
         batches: Iterator[Batch]
         if size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
-            # The other core parses; on PostgreSQL the SQL thread then no longer contends for the GIL.
-            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share, skip_through=backend.line)
+            # The other core parses while this process stages what it sends.
+            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share)
             batches = iter(helper)
         else:
-            batches = parse(layout, chunks, forgotten, BATCH_ROWS, skip_through=backend.line)
+            batches = parse(layout, chunks, forgotten, BATCH_ROWS)
+        # Progress: the first half of the bar reads the file, the second applies it.
         for batch in batches:
             backend.add(batch)
             if progress is not None:
-                progress(batch.position, size)
-        if progress is not None:
-            progress(size, size)
-        return backend.finish()
-    except BaseException:
-        failed = True
-        raise
+                progress(batch.position * HALF // max(size, 1), 2 * HALF)
+        return backend.finish(None if progress is None else lambda share: progress(HALF + int(share * HALF), 2 * HALF))
     finally:
         if helper is not None:
             helper.close()
         if chunks is not None:
             chunks.close()  # its read session, now rather than whenever the generator is collected
-        backend.close(cancel=failed)
+        backend.close()
 
 
 # ---------------------------------------------------------------------------------------------- rejects

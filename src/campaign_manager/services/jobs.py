@@ -75,9 +75,10 @@ class JobLost(JobReleased):
     """Raised by a handler that finds, when it goes to commit, that another run holds its job now."""
 
 
-class JobInterrupted(BaseException):
+class JobInterrupted(KeyboardInterrupt):
     """A job run in the foreground (`--wait`) was stopped by SIGINT or SIGTERM: it is cancelled, keeping what it
-    committed, and runs again only when someone asks (`cm jobs retry`)."""
+    committed, and runs again only when someone asks (`cm jobs retry`). A KeyboardInterrupt, because that is what
+    drivers know to stop a statement for: psycopg then cancels the query on the server rather than abandon it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

@@ -11,31 +11,29 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from campaign_manager.db import open_session
-from campaign_manager.models import JOB_CANCELLED, JOB_DONE, JOB_FAILED, ImportKey, Job, JobFile, Meta, utcnow
+from campaign_manager.models import JOB_CANCELLED, JOB_DONE, JOB_FAILED, Job, JobFile, Meta, utcnow
 
 PURGE_EVERY = timedelta(hours=1)
 _LAST_PURGE = "last_purge"
 
 
 def purge_files(session: Session, *, older_than_days: float) -> list[int]:
-    """Delete the staged uploads (and the addresses an unfinished import kept) of jobs that ended more than
+    """Delete the staged uploads of jobs that ended more than
     `older_than_days` ago. Returns the ids of the jobs purged; each remembers when (`result.file_purged`)."""
     now = utcnow()
     cutoff = now - timedelta(days=older_than_days)
     has_file = sa.exists().where(col(JobFile.job_id) == Job.id)
-    has_keys = sa.exists().where(col(ImportKey.job_id) == Job.id)
     jobs = session.exec(
         select(Job)
         .where(
             col(Job.status).in_((JOB_DONE, JOB_FAILED, JOB_CANCELLED)),
             col(Job.finished_at) < cutoff,
-            sa.or_(has_file, has_keys),
+            has_file,
         )
         .order_by(col(Job.id))
     ).all()
     for job in jobs:
         session.exec(sa.delete(JobFile).where(col(JobFile.job_id) == job.id))
-        session.exec(sa.delete(ImportKey).where(col(ImportKey.job_id) == job.id))
         job.result = {**(job.result or {}), "file_purged": now.isoformat()}
     session.flush()
     return [job.id for job in jobs if job.id is not None]

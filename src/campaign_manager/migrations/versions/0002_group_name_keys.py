@@ -1,4 +1,4 @@
-"""group names matched ignoring case; the keys a segmented import has applied; a table of database-wide facts
+"""group names matched ignoring case; a table of database-wide facts
 
 Revision ID: 0002
 Revises: 0001
@@ -24,14 +24,6 @@ def upgrade() -> None:
         sa.Column("key", sa.String(length=100), nullable=False),
         sa.Column("value", sa.String(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
-    )
-    op.create_table(
-        "import_key",
-        sa.Column("job_id", sa.Integer(), nullable=False),
-        sa.Column("key", sa.String(length=320), nullable=False),
-        sa.ForeignKeyConstraint(["job_id"], ["job.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("job_id", "key"),
-        sqlite_with_rowid=False,
     )
     with op.batch_alter_table("recipient_group") as batch_op:
         batch_op.add_column(sa.Column("name_key", sa.String(length=200), nullable=True))
@@ -66,5 +58,4 @@ def downgrade() -> None:
     with op.batch_alter_table("recipient_group") as batch_op:
         batch_op.drop_constraint("uq_recipient_group_name_key", type_="unique")
         batch_op.drop_column("name_key")
-    op.drop_table("import_key")
     op.drop_table("cm_meta")
