@@ -342,8 +342,10 @@ def _longest_segment(database: str) -> float | None:
 
 
 def _setup(bench: Bench, database: str) -> proc.Run:
-    """Create the group the import goes into (this also creates and migrates a new database)."""
-    return bench.cm(database, "group", "create", GROUP)
+    """Create the database (cm creates a database it is given by name only in `cm db upgrade`) and the group the
+    import goes into."""
+    created = bench.cm(database, "db", "upgrade")
+    return bench.cm(database, "group", "create", GROUP) if created.ok else created
 
 
 def _targets(label: str, rate: float, speed: float | None, rss: float | None, *, note: str) -> list[Target]:

@@ -62,6 +62,7 @@ def _make_small_db(db: Path, *, env: dict[str, str], work: Path) -> str:
     """A database with one group of 50 recipients; returns why it could not be made, or ''."""
     emails = [arg for i in range(50) for arg in ("--email", f"person{i}@example.com")]
     for argv in (
+        [proc.cm(), "--database", str(db), "db", "upgrade"],
         [proc.cm(), "--database", str(db), "group", "create", "bench"],
         [proc.cm(), "--database", str(db), "group", "add-recipients", "bench", *emails],
     ):

@@ -26,6 +26,9 @@ step() {
     "$CM" "$@"
 }
 
+# A database named by CM_DATABASE_URL (or --database, or database.url) is created by `cm db upgrade` only, so
+# that a mistyped path is an error rather than a new, empty database.
+step db upgrade
 step group create newsletter --description "Monthly news"
 step group add-recipients newsletter \
     --email ada@example.com --email Grace@Example.com --email alan@example.com --email ADA@example.com

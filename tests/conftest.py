@@ -1,5 +1,9 @@
 """Shared fixtures: a real SQLite file per test, a real PostgreSQL database per test (created and dropped here)
-when CM_TEST_POSTGRES_URL is set, and `cm`, which runs the real CLI through Typer's CliRunner."""
+when CM_TEST_POSTGRES_URL is set, and `cm`, which runs the real CLI through Typer's CliRunner.
+
+The databases of `sqlite_url`, `postgres_url` and `db_url` are created and migrated here, as `cm db upgrade`
+would: cm creates a database it is given by name only through that command. `new_db_url` is one cm has not
+created yet (a SQLite path with no file; an empty PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -65,11 +69,20 @@ def drop_postgres_database(url: str) -> None:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'cm.db'}"
+    url = f"sqlite:///{tmp_path / 'cm.db'}"
+    _create(url)
+    return url
+
+
+def _create(url: str) -> None:
+    """What `cm db upgrade` does; then the test starts like a new process, with no engine or check cached."""
+    db.upgrade(url)
+    db.dispose_engines()
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def new_postgres_url() -> Iterator[str]:
+    """An empty PostgreSQL database: it exists on the server, without cm's tables."""
     if not POSTGRES_URL:
         pytest.skip("postgres: CM_TEST_POSTGRES_URL is not set")
     url = make_postgres_database()
@@ -79,11 +92,25 @@ def postgres_url() -> Iterator[str]:
         drop_postgres_database(url)
 
 
+@pytest.fixture
+def postgres_url(new_postgres_url: str) -> str:
+    _create(new_postgres_url)
+    return new_postgres_url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest) -> str:
     """The test runs once on SQLite and once on PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database cm has not created yet, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'new.db'}"
+    return str(request.getfixturevalue("new_postgres_url"))
 
 
 @dataclass

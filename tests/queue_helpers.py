@@ -7,6 +7,7 @@ across processes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,11 +94,31 @@ def flaky_handler(url: str, job_id: int, progress: Callable[[int, int], None]) -
     return {"read": 1}
 
 
+def modes_handler(url: str, job_id: int, progress: Callable[[int, int], None]) -> dict[str, Any]:
+    """Writes into the database and, while its connection is open (so SQLite's -wal and -shm files exist, made by
+    this process), notes the mode of each file beside the database and the queue in the file args["log"]."""
+    from campaign_manager.config import default_queue_url
+    from campaign_manager.services import groups
+
+    args = _args(url, job_id)
+    path = db.sqlite_path(url)
+    queue = db.sqlite_path(default_queue_url(url))
+    assert path is not None and queue is not None
+    with db.open_session(url) as session:
+        groups.create_group(session, f"job-{job_id}")
+        session.flush()
+        names = [Path(f"{base}{suffix}") for base in (path, queue) for suffix in ("", "-wal", "-shm")]
+        modes = {str(name): oct(name.stat().st_mode & 0o777) for name in names}
+    Path(args["log"]).write_text(json.dumps(modes))
+    return {}
+
+
 KINDS: dict[str, Callable[[str, int, Callable[[int, int], None]], dict[str, Any]]] = {
     "test-ok": ok_handler,
     "test-fail": fail_handler,
     "test-refuse": refuse_handler,
     "test-flaky": flaky_handler,
+    "test-modes": modes_handler,
 }
 
 
@@ -205,7 +226,7 @@ class QueueSetup:
 
 def make_setup(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> QueueSetup:
     if backend == "sqlite":
-        return QueueSetup(backend, f"sqlite:///{tmp_path / 'cm.db'}", None, "cm", tmp_path)
+        return QueueSetup(backend, str(request.getfixturevalue("sqlite_url")), None, "cm", tmp_path)
     if backend == "postgres":
         url = str(request.getfixturevalue("postgres_url"))
         return QueueSetup(backend, url, None, "cm", tmp_path)  # the queue's tables go into the same database
@@ -213,7 +234,7 @@ def make_setup(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> 
         pytest.skip("redis: CM_TEST_REDIS_URL is not set")
     # A queue name of our own, so that the test flushes nothing but its own keys.
     name = f"cmtest{uuid.uuid4().hex[:12]}"
-    return QueueSetup(backend, f"sqlite:///{tmp_path / 'cm.db'}", REDIS_URL, name, tmp_path)
+    return QueueSetup(backend, str(request.getfixturevalue("sqlite_url")), REDIS_URL, name, tmp_path)
 
 
 BACKENDS = [
@@ -259,8 +280,23 @@ class CmProcess:
         return self.wait()[1]
 
 
-def cm_process(setup: QueueSetup, *args: str, **options: Any) -> CmProcess:
-    """The real `cm` in a subprocess, with the test kinds registered."""
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # from <linux/prctl.h>, <linux/capability.h>
+
+
+def obey_file_modes() -> None:
+    """In a child process before exec: drop the capabilities that let root ignore file modes from the bounding
+    set, so that the program run next (as root still) cannot write a file whose mode says it may not."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def cm_process(setup: QueueSetup, *args: str, obeying_file_modes: bool = False, **options: Any) -> CmProcess:
+    """The real `cm` in a subprocess, with the test kinds registered; `obeying_file_modes`: even as root (see
+    obey_file_modes)."""
     err_path = setup.tmp / f"cm-{uuid.uuid4().hex[:8]}.err"
     with err_path.open("wb") as err:
         popen = subprocess.Popen(
@@ -269,6 +305,7 @@ def cm_process(setup: QueueSetup, *args: str, **options: Any) -> CmProcess:
             cwd=setup.tmp,
             stdout=subprocess.DEVNULL,
             stderr=err,
+            preexec_fn=obey_file_modes if obeying_file_modes else None,
         )
     return CmProcess(popen, err_path)
 

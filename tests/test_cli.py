@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import pytest
 import typer
 
-from campaign_manager import __version__, notifiers
+from campaign_manager import __version__, db, notifiers
 from campaign_manager.cli import NOUNS, app
 from conftest import CM_BIN, Run, make_cm, run_cm_process
 
@@ -306,6 +306,7 @@ def test_outbox_writes_one_file_per_idempotency_key(tmp_path: Path) -> None:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
+    db.upgrade(str(tmp_path / "proc.db"))  # a database named by CM_DATABASE_URL is made by `cm db upgrade` only
     return {
         "CM_DATABASE_URL": str(tmp_path / "proc.db"),
         "XDG_DATA_HOME": str(tmp_path / "xdg-data"),

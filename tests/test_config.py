@@ -62,8 +62,13 @@ def test_precedence_file_then_env_then_flag(
     # Keys without a flag still follow file < env.
     level = shown["settings"]["log.level"]
     assert level["value"] == ("error" if env else "info" if file else "warning")
-    # The database is really the one shown.
-    cm_bare([*(["--database", "from-flag.db"] if flag else []), "recipient", "create", "ada@example.com"])
+    # The database is really the one shown; one that was named is created by `cm db upgrade` only.
+    flags = ["--database", "from-flag.db"] if flag else []
+    if source != "default":
+        assert_error(cm_bare([*flags, "recipient", "create", "ada@example.com"], ok=False), 6, "no cm database at")
+        assert not Path(url["value"].removeprefix("sqlite:///")).exists()
+        cm_bare([*flags, "db", "upgrade"])
+    cm_bare([*flags, "recipient", "create", "ada@example.com"])
     assert Path(url["value"].removeprefix("sqlite:///")).is_file()
 
 
@@ -114,8 +119,10 @@ def test_relative_sqlite_path_in_a_file_is_relative_to_the_file(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    cm_bare(["--config", str(path), "recipient", "create", "ada@example.com"])
     db_file = Path(expected.format(conf=conf, tmp=tmp_path))
+    db_file.parent.mkdir(exist_ok=True)
+    cm_bare(["--config", str(path), "db", "upgrade"])
+    cm_bare(["--config", str(path), "recipient", "create", "ada@example.com"])
     assert db_file.is_file()
     assert _show(cm_bare, "--config", str(path))["settings"]["database.url"]["value"] == f"sqlite:///{db_file}"
     assert not list(elsewhere.iterdir())

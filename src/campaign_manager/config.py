@@ -5,13 +5,15 @@ Every value remembers where it came from so that `cm config show` can tell the u
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from campaign_manager.errors import ConfigError
+from campaign_manager.errors import ConfigError, InvalidInput
 
 CONFIG_FILENAME = "campaign.toml"
 APP_DIR = "campaign-manager"
@@ -65,6 +67,8 @@ class Settings:
     values: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
+    # Things a person should hear about once per command (the CLI logs them): a world-readable file of secrets.
+    warnings: list[str] = field(default_factory=list)
 
     def get(self, key: str) -> Any:
         return self.values[key]
@@ -72,6 +76,12 @@ class Settings:
     @property
     def database_url(self) -> str:
         return str(self.values["database.url"])
+
+    @property
+    def database_is_default(self) -> bool:
+        """The database is the default location, which any command creates on first use; one that was named
+        (file, environment, --database) is created only by `cm db upgrade` or `cm init --database`."""
+        return self.sources["database.url"] == "default"
 
     @property
     def queue_url(self) -> str:
@@ -123,7 +133,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     raise ConfigError(f"{key} from {source} must be {kind.__name__}, got {value!r}")
 
 
-def _resolve_path_url(value: str, base: Path) -> str:
+def resolve_url(value: str, base: Path) -> str:
     """A bare path or sqlite:/// URL made absolute against `base`; other URLs unchanged."""
     if "://" in value and not value.startswith("sqlite:"):
         return value
@@ -155,21 +165,28 @@ def load_settings(config: str | None = None, flags: dict[str, Any] | None = None
             source = f"file {settings.config_file}"
             value = _coerce(key, value, source)
             if key in ("database.url", "queue.url"):
-                value = _resolve_path_url(value, settings.config_file.parent)
+                if not value.strip():
+                    raise ConfigError(f"{key} in {path} is empty", hint="give a path or a URL, or remove the key")
+                value = resolve_url(value, settings.config_file.parent)
             settings.values[key], settings.sources[key] = value, source
+        settings.warnings += _exposed_secrets(settings.config_file, raw)
 
     for key, (_default, _kind, env, _help) in KEYS.items():
         if env in os.environ and os.environ[env] != "":
             value = _coerce(key, os.environ[env], env)
             if key in ("database.url", "queue.url"):
-                value = _resolve_path_url(value, Path.cwd())
+                value = resolve_url(value, Path.cwd())
             settings.values[key], settings.sources[key] = value, f"env {env}"
 
     for key, value in (flags or {}).items():
         if value is None:
             continue
         if key in ("database.url", "queue.url"):
-            value = _resolve_path_url(value, Path.cwd())
+            if not str(value).strip():
+                # An empty path would resolve to the working folder: refuse it rather than guess.
+                name = "--database" if key == "database.url" else key
+                raise InvalidInput(f"{name} is empty", hint="give a SQLite path or a URL")
+            value = resolve_url(value, Path.cwd())
         settings.values[key], settings.sources[key] = value, "flag"
 
     if settings.values["database.url"] is None:
@@ -185,6 +202,20 @@ def load_settings(config: str | None = None, flags: dict[str, Any] | None = None
             f" (from {settings.sources['log.level']})"
         )
     return settings
+
+
+def _exposed_secrets(path: Path, raw: dict[str, Any]) -> list[str]:
+    """A warning if the file holds a secret (a value `mask` hides) and every local user may read it. Group-readable
+    is fine: a systemd unit's group may need to read the file."""
+    if not any(mask(key, value) != value for key, value in raw.items()):
+        return []
+    try:
+        readable_by_all = bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return []
+    if not readable_by_all:
+        return []
+    return [f"{path} holds a password and every user of this machine can read it (chmod o-r {path})"]
 
 
 def default_queue_url(database_url: str) -> str:
@@ -211,8 +242,9 @@ def mask(key: str, value: Any) -> Any:
     return value
 
 
-def render_example() -> str:
-    """campaign.toml.example, made from KEYS so that it documents every key (a test compares the file)."""
+def render_example(*, database_url: str | None = None) -> str:
+    """campaign.toml.example, made from KEYS so that it documents every key (a test compares the file). With
+    `database_url`, the starter file of `cm init --database`: that one key is set."""
     lines = [
         "# cm configuration. Every key is optional; CM_* environment variables override this file and",
         "# command-line flags override both. Relative SQLite paths are relative to this file.",
@@ -231,7 +263,14 @@ def render_example() -> str:
                 "queue.url": '"cm-queue.db"  # default: beside the database (SQLite) or in it (PostgreSQL)',
             }[key]
             lines.append(f"# {name} = {example}")
+            if key == "database.url" and database_url is not None:
+                lines.append(f"{name} = {toml_string(database_url)}")
         else:
             value = f'"{default}"' if isinstance(default, str) else repr(default)
             lines.append(f"# {name} = {value}")
     return "\n".join(lines) + "\n"
+
+
+def toml_string(value: str) -> str:
+    """`value` as a TOML basic string. JSON's escapes are TOML's, except that TOML also wants DEL escaped."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -1,8 +1,13 @@
-"""The Huey queue: its storage (from `queue.url`), cm's one task, and the two ways to consume it.
+"""The Huey queue: its storage (from `queue.url`), cm's one task, and the drain (`cm worker --drain`); the
+long-running worker is in consumer.py.
 
 The queue only carries job ids. What a job is and how it ended lives in the job row (services/jobs.py), which
 is also what makes consuming safe: a message is only a hint to run a job, and the job's atomic claim decides
 whether this worker runs it. A message that arrives twice, late, or for a cancelled job does nothing.
+
+Faults around a job are not the job's: a database that cannot be written or reached gets the job handed back
+(its attempt not counted) and the message sent again after a delay that grows while the fault lasts; a SQLite
+file deleted or replaced under the worker stops it.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from huey import Huey
-from huey.exceptions import ConfigurationError
+from huey.exceptions import ConfigurationError, RetryTask
 from huey.storage import PostgresStorage, RedisStorage, SqliteStorage
 
-from campaign_manager.db import is_sqlite, sqlite_path
-from campaign_manager.errors import CmError, NotFound, QueueError
+from campaign_manager import db
+from campaign_manager.errors import CmError, DatabaseError, NotFound, QueueError
+from campaign_manager.files import create_private
 from campaign_manager.services import jobs, retention
 
 if TYPE_CHECKING:
@@ -37,6 +43,63 @@ BUSY_TIMEOUT_S = 30.0  # SQLite queue: how long a writer waits for another befor
 TABLE_PREFIX = "huey"  # PostgreSQL queue tables sit beside ours; the schema check skips tables named huey*
 POLL_MAX_DELAY_S = 1.0  # an idle worker on a polled storage (SQLite) looks at least this often
 ERROR = "error"  # a drain outcome beside jobs' own: the task itself failed (the database was unreachable, say)
+FIRST_RETRY_S, MAX_RETRY_S = 1.0, 60.0  # a fault (queue or database unreachable): wait 1 s, doubling up to 60 s
+
+
+class QueueUnreachable(QueueError):
+    """The queue's server (or file) cannot be reached: worth trying again later, unlike a queue.url cm cannot use."""
+
+
+class Outage:
+    """A fault the threads of one worker share (the queue, or the database, cannot be reached): one log line an
+    attempt, attempts spaced by a delay that doubles from FIRST_RETRY_S to MAX_RETRY_S, cleared by a success.
+    Threads that fail during one round add nothing: the round was logged and counted once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.delay = 0.0  # 0: no fault
+        self._next_try = 0.0  # time.monotonic() of the next attempt
+
+    def failed(self, line: str | None) -> float:
+        """Note a failed attempt and log `line` (None: the caller has said it already) with the delay; returns
+        the seconds to wait before the next attempt."""
+        with self._lock:
+            now = time.monotonic()
+            if self.delay and now < self._next_try:
+                return self._next_try - now
+            self.delay = min(max(self.delay * 2, FIRST_RETRY_S), MAX_RETRY_S)
+            self._next_try = now + self.delay
+            if line is not None:
+                log.warning("%s (trying again in %s s)", line, f"{self.delay:g}")
+            return self.delay
+
+    def succeeded(self, line: str | None = None) -> None:
+        with self._lock:
+            if self.delay and line is not None:
+                log.info("%s", line)
+            self.delay = 0.0
+
+    def wait_turn(self, stop: threading.Event) -> bool:
+        """Wait until the next attempt is due (at once if there is no fault); False if `stop` was set."""
+        with self._lock:
+            remaining = self._next_try - time.monotonic() if self.delay else 0.0
+        return not (stop.wait(remaining) if remaining > 0 else stop.is_set())
+
+
+@dataclass
+class Health:
+    """What the threads of one worker (or drain) share about the faults around them."""
+
+    queue: Outage = field(default_factory=Outage)
+    database: Outage = field(default_factory=Outage)
+    stop: threading.Event = field(default_factory=threading.Event)  # the consumer's stop flag, once it runs
+    fatal: DatabaseError | None = None  # why the worker must stop (its database file was deleted or replaced)
+    fault: DatabaseError | None = None  # the last time the database could not be written or reached
+
+    def stop_for(self, exc: DatabaseError) -> None:
+        """Stop the worker (the CLI then prints `exc`, once)."""
+        self.fatal = self.fatal or exc
+        self.stop.set()
 
 
 class _SqliteStorage(SqliteStorage):  # type: ignore[misc]  # huey ships no type hints
@@ -71,12 +134,14 @@ class _PostgresStorage(PostgresStorage):  # type: ignore[misc]
 
 
 class JobQueue(Huey):  # type: ignore[misc]
-    """A Huey instance with cm's task on it, as `run_job_task`."""
+    """A Huey instance with cm's task on it, as `run_job_task`, and the faults its consumers share."""
 
     run_job_task: Any
+    health: Health
+    display_url: str
 
 
-def _queue_errors() -> tuple[type[BaseException], ...]:
+def queue_errors() -> tuple[type[BaseException], ...]:
     import sqlite3
 
     import psycopg
@@ -109,13 +174,15 @@ def get_huey(settings: Settings, *, blocking: bool = True) -> JobQueue:
         storage = _PostgresStorage
         kwargs = {"dsn": dsn, "table_prefix": TABLE_PREFIX, "blocking": blocking, "read_timeout": 1}
     elif "://" not in url or url.startswith("sqlite:"):
-        path = sqlite_path(url) if is_sqlite(url) else None
+        path = db.sqlite_path(url) if db.is_sqlite(url) else None
         if path is None:
             raise QueueError(f"queue.url {url!r} is not a file that workers can share", hint="name a SQLite file")
+        if not path.parent.is_dir():  # beside the database, or a folder someone named: never made here
+            raise QueueError(f"cannot open the queue {path}: the folder {path.parent} does not exist")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)  # 0600 before SQLite makes it (and its -wal and -shm files, which copy its mode)
         except OSError as exc:
-            raise QueueError(f"cannot create the folder for the queue {path}: {exc.strerror}") from None
+            raise QueueError(f"cannot open the queue {path}: {exc.strerror}") from None
         storage, kwargs = _SqliteStorage, {"filename": str(path), "timeout": BUSY_TIMEOUT_S}
     else:
         raise QueueError(
@@ -127,10 +194,24 @@ def get_huey(settings: Settings, *, blocking: bool = True) -> JobQueue:
         raise QueueError(
             f"cannot use queue {_display(url)}: {exc}", hint="pip install 'campaign-manager[redis]'"
         ) from None
-    except _queue_errors() as exc:
-        raise QueueError(f"cannot open the queue {_display(url)}: {_first_line(exc)}") from None
+    except queue_errors() as exc:
+        raise _unreachable(url, exc) from None
+    huey.health, huey.display_url = Health(), _display(url)
     huey.run_job_task = _define_task(huey, settings)
     return huey
+
+
+def _unreachable(url: str, exc: BaseException) -> QueueUnreachable:
+    """`url` may be masked already: masking twice changes nothing."""
+    return QueueUnreachable(f"cannot reach the queue {_display(url)}: {first_line(exc)}")
+
+
+def probe(huey: JobQueue) -> None:
+    """QueueUnreachable unless the queue answers (one cheap round trip)."""
+    try:
+        huey.storage.queue_size()
+    except queue_errors() as exc:
+        raise _unreachable(huey.display_url, exc) from None
 
 
 def close_huey(huey: JobQueue) -> None:
@@ -140,7 +221,7 @@ def close_huey(huey: JobQueue) -> None:
         pool.disconnect()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -178,7 +259,15 @@ def _define_task(huey: JobQueue, settings: Settings) -> Any:
     )
     def run_job_task(job_id: int, task: Any = None) -> str:
         retries_left = int(task.retries) if task is not None else 0
-        return _run(url, job_id, retries_left=retries_left, max_attempts=retries + 1, lease=lease, options=options)
+        return _run(
+            huey.health,
+            url,
+            job_id,
+            retries_left=retries_left,
+            max_attempts=retries + 1,
+            lease=lease,
+            options=options,
+        )
 
     return run_job_task
 
@@ -188,7 +277,16 @@ def _define_task(huey: JobQueue, settings: Settings) -> Any:
 NOT_YET_SAVED_S = 5.0
 
 
-def _run(url: str, job_id: int, *, retries_left: int, max_attempts: int, lease: float, options: dict[str, Any]) -> str:
+def _run(
+    health: Health,
+    url: str,
+    job_id: int,
+    *,
+    retries_left: int,
+    max_attempts: int,
+    lease: float,
+    options: dict[str, Any],
+) -> str:
     _outcome.value = ERROR
     deadline = time.monotonic() + NOT_YET_SAVED_S
     while True:
@@ -211,6 +309,23 @@ def _run(url: str, job_id: int, *, retries_left: int, max_attempts: int, lease: 
             log.warning("job %d does not exist; its queue message is dropped", job_id)
             _outcome.value = jobs.SKIPPED
             return jobs.SKIPPED
+        except db.DatabaseGone as exc:
+            health.stop_for(exc)
+            return ERROR
+        except Exception as exc:
+            if not db.is_unavailable(exc):
+                raise
+            # Nothing was claimed (or the job already ended): only the message needs sending again, later.
+            health.fault = exc if isinstance(exc, DatabaseError) else db.DatabaseUnavailable(first_line(exc))
+            line = f"job {job_id}: the database cannot be written or reached ({first_line(exc)})"
+            raise RetryTask(delay=health.database.failed(line)) from None
+    if attempt.outcome == jobs.FAULT:
+        # Logged by attempt_job, and handed back: run it again once the delay is over (Huey's retry that does
+        # not count: RetryTask leaves the task's retries as they were).
+        reason = f"the database cannot be written or reached ({attempt.job.error})"
+        health.fault = db.DatabaseUnavailable(f"{reason}; job {job_id} goes back to the queue")
+        raise RetryTask(delay=health.database.failed(None))
+    health.database.succeeded()
     _log_end(attempt)
     _outcome.value = attempt.outcome
     if attempt.outcome == jobs.RETRY:
@@ -260,9 +375,7 @@ def submit_job(settings: Settings, save: Callable[[Session], Job]) -> Job:
     on the queue inside the transaction that saves the job, so a command that reports a failure (the queue is
     down, the disk is full at the commit) leaves no job behind. A message that outruns the commit waits for it
     (NOT_YET_SAVED_S); one whose job never commits is dropped by the worker."""
-    from campaign_manager.db import open_session
-
-    with open_session(settings.database_url) as session:
+    with db.open_session(settings.database_url, create=settings.database_is_default) as session:
         job = save(session)
         session.flush()
         assert job.id is not None
@@ -273,8 +386,8 @@ def submit_job(settings: Settings, save: Callable[[Session], Job]) -> Job:
 def _enqueue(huey: JobQueue, job_id: int) -> None:
     try:
         huey.run_job_task(job_id)
-    except _queue_errors() as exc:
-        raise QueueError(f"cannot put job {job_id} on the queue: {_first_line(exc)}") from None
+    except queue_errors() as exc:
+        raise QueueError(f"cannot put job {job_id} on the queue: {first_line(exc)}") from None
 
 
 def recover_jobs(settings: Settings, huey: JobQueue) -> jobs.Recovery:
@@ -301,7 +414,10 @@ def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
     candidates = jobs.queued_jobs(settings.database_url, older_than=ORPHAN_AFTER_S)
     if not candidates:
         return []  # the usual case: no need to read (and unpickle) every message on the queue
-    waiting = {task.args[0] for task in [*huey.pending(), *huey.scheduled()] if task.args}
+    try:
+        waiting = {task.args[0] for task in [*huey.pending(), *huey.scheduled()] if task.args}
+    except queue_errors() as exc:
+        raise _unreachable(huey.display_url, exc) from None
     orphans = [job_id for job_id in candidates if job_id not in waiting]
     for job_id in orphans:
         _enqueue(huey, job_id)
@@ -329,49 +445,7 @@ def release_jobs(settings: Settings, huey: JobQueue) -> list[int]:
     return released
 
 
-# -- consuming --------------------------------------------------------------------------------------------------
-
-
-def run_worker(settings: Settings, *, workers: int, grace: float) -> list[int]:
-    """Run a Huey consumer until SIGTERM (finish the jobs in hand within `grace` seconds, then release them) or
-    SIGINT (release them at once). Returns the ids of the jobs released."""
-    huey = get_huey(settings)
-    try:
-        recover_jobs(settings, huey)
-        purge_old_files(settings)
-        consumer = huey.create_consumer(
-            workers=workers,
-            worker_type="thread",
-            periodic=False,
-            max_delay=POLL_MAX_DELAY_S,
-            shutdown_timeout=grace,
-            graceful_signal="TERM",
-        )
-        stopped: threading.Event = consumer.stop_flag
-        keeper = threading.Thread(target=_keep_recovering, args=(settings, huey, stopped), daemon=True)
-        keeper.start()
-        log.info(
-            "worker %s started: %d thread(s) on %s, queue %r",
-            jobs.worker_name(),
-            workers,
-            _display(settings.queue_url),
-            huey.name,
-        )
-        consumer.run()
-        return release_jobs(settings, huey)
-    finally:
-        close_huey(huey)
-        log.info("worker %s stopped", jobs.worker_name())
-
-
-def _keep_recovering(settings: Settings, huey: JobQueue, stopped: threading.Event) -> None:
-    interval = max(float(settings.get("worker.lease_seconds")) / 2, 1.0)
-    while not stopped.wait(interval):
-        try:
-            recover_jobs(settings, huey)
-        except CmError as exc:
-            log.warning("could not look for stale jobs: %s", exc.message)
-        purge_old_files(settings)
+# -- draining ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -380,6 +454,9 @@ class DrainReport:
     recovered: jobs.Recovery = field(default_factory=jobs.Recovery)
     released: list[int] = field(default_factory=list)
     waiting: list[tuple[int, datetime | None]] = field(default_factory=list)  # retries not due yet: (job, UTC eta)
+    # Why the drain stopped early: the queue or the database could not be reached (the CLI exits 8 or 6).
+    queue_error: QueueError | None = None
+    database_error: DatabaseError | None = None
 
     def ids(self, *outcomes: str) -> list[int]:
         return sorted(job_id for job_id, outcome in self.outcomes.items() if outcome in outcomes)
@@ -393,17 +470,22 @@ class DrainReport:
 def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> DrainReport:
     """Recover stale jobs, move retries that have come due onto the queue, and run everything until the queue is
     empty; retries not yet due stay in the schedule. In the main thread, SIGTERM stops taking jobs and lets the
-    running ones finish within `grace` seconds (then releases them); SIGINT releases them at once."""
+    running ones finish within `grace` seconds (then releases them); SIGINT releases them at once.
+
+    Raises DatabaseError (a database that does not exist or cannot be opened) or QueueUnreachable before it
+    starts; a fault after that stops it, and the report says why (`queue_error`, `database_error`)."""
+    db.ensure_schema(settings.database_url, create=settings.database_is_default)
     huey = get_huey(settings, blocking=False)
-    report, lock, stop = DrainReport(), threading.Lock(), threading.Event()
+    report, lock, stop = DrainReport(), threading.Lock(), huey.health.stop
     try:
+        probe(huey)
         report.recovered = recover_jobs(settings, huey)
         purge_old_files(settings)
         threads = [
-            threading.Thread(target=_drain_loop, args=(huey, stop, report, lock), name=f"drain-{i}", daemon=True)
+            threading.Thread(target=_drain_loop, args=(huey, report, lock), name=f"drain-{i}", daemon=True)
             for i in range(max(workers, 1))
         ]
-        with _signals() as shutdown:
+        with stop_signals() as shutdown:
             for thread in threads:
                 thread.start()
             deadline: float | None = None
@@ -417,14 +499,19 @@ def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> Drain
                 shutdown.requested.wait(0.1)
         for thread in threads:
             thread.join(1.0)  # a released handler unwinds at its next progress call
-        report.waiting = [(t.args[0] if t.args else -1, t.eta) for t in huey.scheduled()]
+        try:
+            report.waiting = [(t.args[0] if t.args else -1, t.eta) for t in huey.scheduled()]
+        except queue_errors() as exc:
+            report.queue_error = report.queue_error or _unreachable(settings.queue_url, exc)
+        report.database_error = huey.health.fatal or huey.health.fault
         return report
     finally:
         close_huey(huey)
 
 
-def _drain_loop(huey: JobQueue, stop: threading.Event, report: DrainReport, lock: threading.Lock) -> None:
-    while not stop.is_set():
+def _drain_loop(huey: JobQueue, report: DrainReport, lock: threading.Lock) -> None:
+    health = huey.health
+    while not health.stop.is_set():
         try:
             data = huey.storage.dequeue()
             if data is None:
@@ -435,9 +522,10 @@ def _drain_loop(huey: JobQueue, stop: threading.Event, report: DrainReport, lock
                 if not due:
                     return
                 continue
-        except _queue_errors() as exc:
-            log.error("cannot read the queue: %s", _first_line(exc))
-            stop.set()
+        except queue_errors() as exc:
+            with lock:
+                report.queue_error = report.queue_error or _unreachable(huey.display_url, exc)
+            health.stop.set()
             return
         try:
             task = huey.deserialize_task(data)
@@ -447,11 +535,16 @@ def _drain_loop(huey: JobQueue, stop: threading.Event, report: DrainReport, lock
         _outcome.value = None  # stays None unless the task runs (Huey re-schedules a task whose time has not come)
         try:
             huey.execute(task)
-        except _queue_errors() as exc:
-            log.error("job %s: the queue failed around it: %s", task.args[0] if task.args else "?", _first_line(exc))
+        except queue_errors() as exc:
+            # The job ran (or not), but its retry or its next step could not be put on the queue.
+            with lock:
+                report.queue_error = report.queue_error or _unreachable(huey.display_url, exc)
+            health.stop.set()
         if task.args and _outcome.value is not None:
             with lock:
                 report.outcomes[int(task.args[0])] = _outcome.value
+        if health.fault is not None:
+            health.stop.set()  # a cron drain does not wait for the database: the next run tries again
 
 
 @dataclass
@@ -466,7 +559,7 @@ class _Shutdown:
 
 
 @contextmanager
-def _signals() -> Iterator[_Shutdown]:
+def stop_signals() -> Iterator[_Shutdown]:
     """SIGTERM: stop gracefully; SIGINT, or a second signal: stop now. Only the main thread can take signals;
     elsewhere (a drain inside a test thread) this does nothing."""
     shutdown = _Shutdown()

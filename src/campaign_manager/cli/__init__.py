@@ -130,14 +130,21 @@ app = typer.Typer(
 def init(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing campaign.toml")] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", help="Create this database (SQLite path or postgresql:// URL) and name it"),
+    ] = None,
 ) -> None:
-    """Write a starter campaign.toml in the current folder.
+    """Write a starter campaign.toml in the current folder (readable by you only).
 
-    Example: cm init
+    With --database (here or before `init`), that database is created and migrated first, and the file names it.
+
+    Example: cm init --database /var/lib/cm/cm.db
     """
+    from campaign_manager.cli._common import state
     from campaign_manager.cli.config import write_starter
 
-    write_starter(ctx, force=force)
+    write_starter(ctx, force=force, database=database if database is not None else state(ctx).database)
 
 
 def _version(value: bool) -> None:

@@ -36,13 +36,19 @@ class State:
 
             self._settings = load_settings(self.config_path, {"database.url": self.database})
             self.setup_logging(self._settings.get("log.level"), self._settings.get("log.format"))
+            if self._settings.warnings:
+                import logging  # not at the top: `cm --help` does without it
+
+                for warning in self._settings.warnings:
+                    logging.getLogger("campaign_manager.config").warning(warning)
         return self._settings
 
     @contextmanager
     def session(self, *, write: bool = True) -> Iterator[Session]:
         from campaign_manager.db import open_session
 
-        with open_session(self.settings.database_url, write=write) as session:
+        settings = self.settings
+        with open_session(settings.database_url, write=write, create=settings.database_is_default) as session:
             yield session
 
     def setup_logging(self, level_name: str | None = None, log_format: str | None = None) -> None:

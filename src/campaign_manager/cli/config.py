@@ -45,13 +45,27 @@ def show(ctx: typer.Context, as_json: JsonOption = False) -> None:
     emit(data, as_json=as_json, render=lambda r: print_table(r, ("key", "value", "source")))
 
 
-def write_starter(ctx: typer.Context, *, force: bool) -> None:
-    """`cm init` (defined in cli/__init__ so that it needs no import of this module to be listed)."""
-    from campaign_manager.config import CONFIG_FILENAME, render_example
-    from campaign_manager.errors import Conflict
+def write_starter(ctx: typer.Context, *, force: bool, database: str | None) -> None:
+    """`cm init` (defined in cli/__init__ so that it needs no import of this module to be listed). With a
+    database, that database is created (and migrated) first, so that a file naming it is written only once it
+    exists."""
+    from campaign_manager.config import CONFIG_FILENAME, render_example, resolve_url
+    from campaign_manager.errors import Conflict, InvalidInput
+    from campaign_manager.files import open_private_text
 
     target = Path(CONFIG_FILENAME)
     if target.exists() and not force:
         raise Conflict(f"{target} already exists", hint="use --force to overwrite")
-    target.write_text(render_example(), encoding="utf-8")
+    if database is not None:
+        from campaign_manager import db
+
+        if not database.strip():
+            raise InvalidInput("--database is empty", hint="give a SQLite path or a URL")
+        # As the file will read it: a relative path is relative to the file, which is in this folder.
+        url = resolve_url(database, Path.cwd())
+        db.upgrade(url)
+        info(ctx, f"{db.display_url(url)}: ready, at revision {db.HEAD_REVISION}")
+    # 0600: the file may hold a database password.
+    with open_private_text(target) as out:
+        out.write(render_example(database_url=database))
     info(ctx, f"wrote {target.resolve()}")

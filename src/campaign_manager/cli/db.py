@@ -19,7 +19,10 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """
     from campaign_manager import db
 
-    url = state(ctx).settings.database_url
+    settings = state(ctx).settings
+    url = settings.database_url
+    if settings.database_is_default:
+        db.create_database(url, make_folder=True)  # the default location is made on first use, by any command
     current = db.current_revision(url)
     data = {
         "database": db.display_url(url),
@@ -32,13 +35,19 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 @app.command("upgrade")
 def upgrade(ctx: typer.Context) -> None:
-    """Migrate the database to this cm's schema (creating it if new).
+    """Create the database if it is new, or migrate it to this cm's schema.
+
+    This is the one command that creates a database you named (--database, CM_DATABASE_URL, database.url): for a
+    SQLite file its folder must exist; a PostgreSQL database must exist and gets cm's tables.
 
     Example: cm db upgrade
     """
     from campaign_manager import db
 
-    url = state(ctx).settings.database_url
-    before = db.current_revision(url)
-    db.upgrade(url)
-    info(ctx, f"{db.display_url(url)}: {before or 'empty'} -> {db.HEAD_REVISION}")
+    settings = state(ctx).settings
+    url = settings.database_url
+    before = db.upgrade(url, make_folder=settings.database_is_default)
+    if before == db.HEAD_REVISION:
+        info(ctx, f"{db.display_url(url)}: already at {db.HEAD_REVISION}")
+    else:
+        info(ctx, f"{db.display_url(url)}: {before or 'empty'} -> {db.HEAD_REVISION}")

@@ -71,12 +71,13 @@ def show(
 
     Example: cm jobs show 12 --rejects-file fix-me.csv
     """
+    from campaign_manager.files import open_private_text
     from campaign_manager.services import imports, jobs
 
     with state(ctx).session(write=False) as session:
         if rejects_file is not None:
             try:
-                with rejects_file.open("w", encoding="utf-8", newline="") as out:
+                with open_private_text(rejects_file, newline="") as out:  # 0600: it holds addresses
                     written, cut = imports.write_rejects_file(session, job_id, out)
             except OSError as exc:
                 from campaign_manager.errors import InvalidInput

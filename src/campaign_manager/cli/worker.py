@@ -35,24 +35,31 @@ def worker(
 
     --drain exits 0 when every job it ran succeeded, 9 when one did not; retries not yet due are left for later.
 
+    A queue out of reach is waited for (one log line an attempt, up to a minute apart); --drain exits 8. A job whose
+    database cannot be written goes back to the queue, its attempt not counted; --drain then exits 6.
+
     Overlapping drains never run a job twice.
 
     Example: cm worker --workers 4
 
     Example: cm -q worker --drain
     """
-    from campaign_manager import queue
+    from campaign_manager import consumer, queue
 
     st = state(ctx)
     settings = st.settings
     queue.configure_logging(verbose=st.verbose, quiet=st.quiet)
     threads = workers or int(settings.get("worker.workers"))
     if not drain:
-        queue.run_worker(settings, workers=threads, grace=grace)
+        consumer.run_worker(settings, workers=threads, grace=grace)
         return
     report = queue.drain(settings, workers=threads, grace=grace)
     for line in summarize(report):
         info(ctx, line)
+    if report.database_error is not None:
+        raise report.database_error
+    if report.queue_error is not None:
+        raise report.queue_error
     if not report.ok:
         from campaign_manager.errors import JobFailed
 

@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from campaign_manager.db import is_sqlite, open_session
+from campaign_manager.db import DatabaseGone, discard_connections, is_sqlite, is_unavailable, open_session
 from campaign_manager.errors import CmError, Conflict, InvalidInput, NotFound
 from campaign_manager.models import (
     JOB_CANCELLED,
@@ -51,14 +51,16 @@ HANDLERS: dict[str, str] = {
 }
 _loaded: dict[str, Handler] = {}
 
-# What one attempt at a job came to (Attempt.outcome).
-DONE, FAILED, RETRY, SKIPPED, RELEASED, LOST, CANCELLED = (
+# What one attempt at a job came to (Attempt.outcome). FAULT: the database could not be written or reached under
+# it; the job was handed back (see _hand_back). CANCELLED: a run in the foreground was stopped by a signal.
+DONE, FAILED, RETRY, SKIPPED, RELEASED, LOST, FAULT, CANCELLED = (
     "done",
     "failed",
     "retry",
     "skipped",
     "released",
     "lost",
+    "fault",
     "cancelled",
 )
 
@@ -215,7 +217,7 @@ def cancel_job(session: Session, job_id: int) -> Job:
 @dataclass
 class Attempt:
     """One attempt at a job: the row as it stands after it, and what came of it (DONE, FAILED, RETRY, SKIPPED,
-    RELEASED or LOST)."""
+    RELEASED, LOST or FAULT: then the row as claimed, its `error` saying what went wrong)."""
 
     job: Job
     outcome: str
@@ -422,11 +424,16 @@ def attempt_job(
         values, outcome = {}, LOST
     except JobReleased:
         values, outcome = {}, RELEASED
-    except CmError as exc:
-        values, outcome = {"status": JOB_FAILED, "error": _error_text(exc)}, FAILED
+    except DatabaseGone:
+        raise  # nothing can be recorded anywhere: the caller stops
     except Exception as exc:
         log.debug("job %d: %s", job_id, _error_text(exc), exc_info=True)
-        if retry and (max_attempts is None or run.attempts < max_attempts):
+        if is_unavailable(exc):
+            # Not the job's fault, and not worth an attempt: give it back (below) rather than fail or retry it.
+            values, outcome = _fault(job, exc), FAULT
+        elif isinstance(exc, CmError):
+            values, outcome = {"status": JOB_FAILED, "error": _error_text(exc)}, FAILED
+        elif retry and (max_attempts is None or run.attempts < max_attempts):
             values, outcome = {"status": JOB_QUEUED, "error": _error_text(exc)}, RETRY
         else:
             suffix = f" (after {run.attempts} attempts)" if run.attempts > 1 else ""
@@ -451,12 +458,22 @@ def attempt_job(
     with run.lock:
         if outcome == RELEASED or run.released or run.lost:
             return Attempt(_read(url, job_id), LOST if run.lost else RELEASED, seconds)
-        if outcome != RETRY:
-            values["finished_at"] = utcnow()
-        values.update(lease_until=None, result=_merge_progress(url, run))
-        if not _write(url, _fenced(run).values(**values)):
-            log.warning("job %d: lost its lease to another worker before it finished", job_id)
-            outcome = LOST
+        if outcome != FAULT:
+            if outcome != RETRY:
+                values["finished_at"] = utcnow()
+            values.update(lease_until=None, result=_merge_progress(url, run))
+            try:
+                if not _write(url, _fenced(run).values(**values)):
+                    log.warning("job %d: lost its lease to another worker before it finished", job_id)
+                    outcome = LOST
+            except Exception as exc:
+                if isinstance(exc, DatabaseGone) or not is_unavailable(exc):
+                    raise
+                values, outcome = _fault(job, exc), FAULT  # the work may be done: a handler runs again safely
+    if outcome == FAULT:
+        job.error = values["error"]
+        _hand_back(url, run, job.error)
+        return Attempt(job, FAULT, seconds)
     return Attempt(_read(url, job_id), outcome, seconds)
 
 
@@ -468,6 +485,44 @@ def _interrupted(url: str, job_id: int, signum: int) -> tuple[dict[str, Any], st
         return {"status": JOB_DONE, "counts": dict(result.counts), "error": None}, DONE
     error = f"interrupted by {signal.Signals(signum).name}; `cm jobs retry {job_id}` runs the rest"
     return {"status": JOB_CANCELLED, "error": error, "counts": dict(result.result.get("partial") or {})}, CANCELLED
+
+
+def _fault(job: Job, exc: BaseException) -> dict[str, Any]:
+    """One log line for a database fault under a run; the values recorded when the job is handed back."""
+    text = _error_text(exc)
+    log.warning("job %d (%s): the database cannot be written or reached (%s); handing it back", job.id, job.kind, text)
+    return {"error": text}
+
+
+# Handing a job back after a database fault: the write is tried again this often (doubling), for up to a lease.
+HAND_BACK_FIRST_DELAY_S, HAND_BACK_MAX_DELAY_S = 0.25, 5.0
+
+
+def _hand_back(url: str, run: _Run, error: str) -> bool:
+    """The database failed under a run: put the job back to queued, its attempt not counted. The write is tried
+    on fresh connections (a pooled PostgreSQL one may be dead, or a session made while the database was
+    read-only), again and again (capped backoff) for up to a lease, so that it goes through as soon as the
+    database takes writes. False if it never did: the lease then runs out, and recovery takes the job."""
+    statement = _fenced(run).values(
+        status=JOB_QUEUED, lease_until=None, attempts=col(Job.attempts) - 1, error=f"handed back: {error}"
+    )
+    deadline, delay = time.monotonic() + run.lease, HAND_BACK_FIRST_DELAY_S
+    while True:
+        discard_connections(url)
+        try:
+            _write(url, statement)  # no row: another worker holds the job now, and nothing is ours to give back
+            return True
+        except DatabaseGone:
+            raise
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            log.debug("job %d: cannot hand it back yet: %s", run.job_id, _error_text(exc))
+        if time.monotonic() + delay > deadline:
+            log.warning("job %d: could not hand it back; it is taken again once its lease runs out", run.job_id)
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, HAND_BACK_MAX_DELAY_S)
 
 
 def run_job(url: str, job_id: int, *, worker: str, progress: Progress | None = None, **options: Any) -> Job:
