@@ -350,7 +350,7 @@ def test_a_database_file_deleted_or_replaced_under_a_process_is_refused(sqlite_u
     path = db.sqlite_path(sqlite_url)
     assert path is not None
     with db.open_session(sqlite_url) as session:
-        session.add(Group(name="news"))
+        session.add(Group(name="news", name_key="news"))
     if how == "deleted":
         for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             name.unlink(missing_ok=True)
@@ -360,7 +360,7 @@ def test_a_database_file_deleted_or_replaced_under_a_process_is_refused(sqlite_u
     for write in (True, False):
         gone = pytest.raises(db.DatabaseGone, match="was deleted or replaced while cm was running")
         with gone, db.open_session(sqlite_url, write=write) as session:
-            session.add(Group(name="lost"))
+            session.add(Group(name="lost", name_key="lost"))
     with pytest.raises(db.DatabaseGone):
         db.connect_sqlite(sqlite_url)
     if how == "deleted":

@@ -180,7 +180,8 @@ def test_group_names_are_matched_ignoring_case(cm: Cm) -> None:
     assert [g["name"] for g in cm("group list --json").json()] == ["NEWS", "Other"]
 
 
-def test_the_upgrade_stops_on_group_names_differing_only_in_case(db_url: str) -> None:
+def test_the_upgrade_stops_on_group_names_differing_only_in_case(new_db_url: str) -> None:
+    db_url = new_db_url
     db.upgrade(db_url, "0001")  # a database made by the cm before names were matched ignoring case
     with db.get_engine(db_url).begin() as conn:
         for name in ("News", "news", "VIP", "Émile", "ÉMILE"):
