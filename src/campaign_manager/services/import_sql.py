@@ -53,6 +53,7 @@ MIN_SEGMENT_ROWS = 2_000
 REJECTS_PER_COMMIT = 20_000
 # What a segment adds up; the job's counts are these plus `read` and `invalid` (which the reading of the file knows).
 APPLIED = ("created", "updated", "added", "already_member", "duplicates", "suppressed")
+COUNTS = ("read", "created", "updated", "added", "already_member", "duplicates", "invalid", "suppressed")
 
 
 def _json(value: Any) -> dict[str, Any]:
@@ -233,6 +234,7 @@ class Backend:
                 self._apply_rows(first, last, applied)
                 key = self.scalar(f"SELECT key FROM cm_sorted WHERE {self.pos} = ?", (last,))
             counts = {"read": self.read, "invalid": self.invalid, **applied}
+            counts = {key: counts[key] for key in COUNTS}
             if final:
                 self.sql("DELETE FROM job_file WHERE job_id = ?", (self.job_id,))
                 self.sql(f"UPDATE job SET counts = {self.json_param} WHERE id = ?", (json.dumps(counts), self.job_id))
