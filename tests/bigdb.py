@@ -5,7 +5,8 @@
 - recipient i (1..BIG) is `user{i:07d}@example.com`, named `Person {i:07d}`, with attributes `{"seq": i}`;
 - every `OPTED_OUT_EVERY`th one is opted out (reason "bulk");
 - group `everyone` holds all of them, group `vip` those with i % VIP_EVERY == 1 (all active: 1, 1001, ...);
-- campaign 1, "all", targets `everyone` and names every recipient with `--recipient`.
+- campaign 1, "all", targets `everyone` and names every recipient with `--recipient`;
+- BIG addresses were forgotten (suppression entries whose hashes match no address here).
 
 The template is made once (after `db.upgrade`, as `cm db upgrade` would); each test gets a file copy on SQLite and
 `CREATE DATABASE ... TEMPLATE` on PostgreSQL, dropped after the test.
@@ -57,6 +58,7 @@ _SEQUENCE = {
 _PAD = {"sqlite": "printf('%07d', i)", "postgresql": "lpad(i::text, 7, '0')"}
 _JSON = {"sqlite": "json_object('seq', i)", "postgresql": "json_build_object('seq', i)"}
 _TIME = {"sqlite": f"'{STAMP}'", "postgresql": f"'{STAMP}+00'::timestamptz"}
+_HASH = {"sqlite": "printf('%064x', i)", "postgresql": "lpad(to_hex(i), 64, '0')"}
 
 
 def _statements(dialect: str, rows: int) -> list[str]:
@@ -78,6 +80,7 @@ def _statements(dialect: str, rows: int) -> list[str]:
         f" VALUES (1, '{CAMPAIGN_TITLE}', 'Hello', 'Hi all', 'draft', {now}, {now})",
         "INSERT INTO campaign_group (campaign_id, group_id) VALUES (1, 1)",
         "INSERT INTO campaign_recipient (campaign_id, recipient_id) SELECT 1, id FROM recipient",
+        f"INSERT INTO suppression (email_hash, reason, created_at) {seq} SELECT {_HASH[dialect]}, 'bulk', {now} FROM n",
     ]
 
 

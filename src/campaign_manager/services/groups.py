@@ -125,7 +125,6 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
     """Add addresses to a group, creating recipients that do not exist. Reports, for each input, one of
     created / added / already_member / invalid / suppressed / duplicate (given twice), with a reason."""
     group = get_group(session, ref)
-    forgotten = consent.suppressed_hashes(session)
     seen: set[str] = set()
     results: list[dict[str, Any]] = []
     for raw in emails:
@@ -140,7 +139,8 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
             result["outcome"] = DUPLICATE
             continue
         seen.add(key)
-        if consent.email_hash(key) in forgotten:
+        # One lookup an address (they are a handful), not a set of every erased address (there may be millions).
+        if consent.is_forgotten(session, key):
             result.update(outcome=SUPPRESSED, reason="forgotten on request")
             continue
         recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
