@@ -212,8 +212,11 @@ def print_record(record: dict[str, Any], *, fields: Sequence[str] | None = None)
 
 
 def emit(data: Any, *, as_json: bool, render: Any) -> None:
-    """--json prints `data`; otherwise `render(data)` draws it for a person."""
-    if as_json:
+    """--json prints `data` (a list as every listing prints one, an element a line); otherwise `render(data)`
+    draws it for a person."""
+    if as_json and isinstance(data, list):
+        print_json_items(data)
+    elif as_json:
         print_json(data)
     else:
         render(data)
