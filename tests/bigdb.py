@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def build_postgres(url: str, rows: int = BIG) -> None:
         con.execute("VACUUM ANALYZE")
 
 
+@contextmanager
 def copy_postgres(template_url: str, server_url: str) -> Iterator[str]:
     """A database made from the template (CREATE DATABASE ... TEMPLATE), dropped afterwards."""
     import psycopg

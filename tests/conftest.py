@@ -202,4 +202,5 @@ def big_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     template = request.getfixturevalue("big_postgres_template")  # skips when there is no server
     assert POSTGRES_URL is not None
-    yield from bigdb.copy_postgres(template, _server_url(POSTGRES_URL, "postgres"))
+    with bigdb.copy_postgres(template, _server_url(POSTGRES_URL, "postgres")) as url:
+        yield url

@@ -95,6 +95,8 @@ def list_groups(session: Session) -> list[Group]:
 def describe_groups(session: Session, groups: Sequence[Group]) -> list[dict[str, Any]]:
     """Groups with member and active-member counts: one group's counted alone, several in one pass over all
     the memberships (no query names the groups' ids, so their number is no limit)."""
+    if not groups:
+        return []
     counts = _member_counts(session, groups[0].id if len(groups) == 1 else None)
     return [
         {
