@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bigdb import BIG, EXPECTED, OPTED_OUT_EVERY, copy_postgres
+from bigdb import BIG, EXPECTED, OPTED_OUT_EVERY, copy_postgres, copy_sqlite
 from conftest import CM_BIN, POSTGRES_URL, Run, make_cm
 
 E = EXPECTED
@@ -125,8 +125,10 @@ def test_list_json_streams_every_recipient_in_bounded_memory(
     assert rss_mb < RSS_LIMIT_MB, f"peak RSS {rss_mb:.0f} MB"
 
 
-def test_a_table_into_a_pipe_has_every_row(big_cm: Callable[..., Run]) -> None:
-    run = big_cm("group recipients everyone --active")
+def test_a_table_into_a_pipe_has_every_row(big_sqlite_template: Path, tmp_path: Path) -> None:
+    # On SQLite only (15-20 s a backend): the table is drawn the same way from either, and PostgreSQL lists a big
+    # group in full in test_a_group_listing_reads_each_membership_about_once.
+    run = make_cm(copy_sqlite(big_sqlite_template, tmp_path))("group recipients everyone --active")
     lines = run.stdout.splitlines()
     assert lines[0].split() == ["id", "email", "name", "status", "groups"]
     assert _table_ids(run.stdout) == ACTIVE_IDS
@@ -278,7 +280,10 @@ def test_a_group_listing_reads_each_membership_about_once(big_postgres_template:
             timeout=300,
         )
         assert listed.returncode == 0, listed.stderr
-        assert listed.stdout.count(b"\n") == BIG  # one element a line
+        lines = listed.stdout.decode().splitlines()  # one element a line: "[{...},", " {...},", ..., " {...}]"
+        assert len(lines) == BIG
+        first, last = json.loads(lines[0][1:-1]), json.loads(lines[-1][1:-1])
+        assert (first["id"], first["groups"], last["id"], last["groups"]) == (1, ["everyone", "vip"], BIG, ["everyone"])
         # A backend's statistics reach the views when it ends, just after cm has.
         reads = 0
         for _ in range(100):
