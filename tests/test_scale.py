@@ -1,8 +1,9 @@
 """Every command that handles "all" of something, on a database of more recipients than either backend can bind
 as parameters (SQLite: 250,000; PostgreSQL: 65,535), checked for its results and, in a real process, its memory.
 
-The database (tests/bigdb.py, built once per session) holds BIG recipients, all in group `everyone`, every 1,000th
-also in `vip`, every 50th opted out, and campaign 1 aimed at `everyone` that also names each of them.
+The database (tests/bigdb.py, built once per session and backend, copied for each test) holds BIG recipients, all
+in group `everyone`, 1, 1001, 2001, ... also in `vip`, every 50th opted out, campaign 1 aimed at `everyone` that
+also names each of them, and BIG erased addresses' hashes.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def _env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("CM_")}, "COLUMNS": "160"}
 
 
-# Runs a command as its own child and prints the child's exit code and peak RSS (KB). A child of pytest itself would
-# not do: Linux carries the parent's peak RSS into the child's (exec records the old address space's high-water
-# mark), and pytest may be holding a parsed listing of 260,000 rows.
+# Runs a command as its own child and writes the child's exit code and peak RSS (KB) to a file. A child of pytest
+# itself would not do: Linux carries the parent's peak RSS into the child's (exec records the old address space's
+# high-water mark), and pytest may be holding a parsed listing of 260,000 rows.
 _MEASURE = """
 import json, os, sys
 pid = os.fork()
