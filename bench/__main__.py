@@ -1,9 +1,10 @@
-"""`python -m bench` (`make bench`): cm's start-up and import speed, each figure beside a floor measured in the
-same run, as absolute numbers and ratios, then every target as PASS or MISS. Targets are reported, never enforced:
+"""`python -m bench` (`make bench`): cm's start-up, import and listing speed, each figure beside a floor measured in
+the same run, as absolute numbers and ratios, then every target as PASS or MISS. Targets are reported, never enforced:
 the exit code is 0 unless the options are wrong.
 
 Examples:
-  python -m bench                      # everything: start-up, --wait import, SQLite and PostgreSQL queued imports
+  python -m bench                      # everything: start-up, imports (--wait, queued), listing 1,000,000 recipients
+  python -m bench --only listing       # `cm recipient list --json` over 1,000,000 recipients, SQLite and PostgreSQL
   python -m bench --only startup       # just start-up
   python -m bench --quick              # small sizes, a smoke run of every benchmark in well under a minute
   python -m bench --only sqlite --rows 200000
@@ -19,12 +20,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import imports, proc, startup
+from bench import imports, listing, proc, startup
 from bench.gen import Dataset, ensure_dataset
 from bench.imports import Bench
 from bench.report import Report
 
-BENCHMARKS = ("startup", "wait", "sqlite", "postgres")
+BENCHMARKS = ("startup", "wait", "sqlite", "postgres", "listing")
 ALIASES = {"import": ("wait", "sqlite", "postgres"), "all": BENCHMARKS}
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -35,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     queued_rows = args.rows or (50_000 if args.quick else 1_000_000)
     wait_rows = args.rows or (10_000 if args.quick else 100_000)
     runs = args.runs or (7 if args.quick else 21)
+    listing_rows = args.rows or (50_000 if args.quick else 1_000_000)
 
     report = Report()
-    _print_header(selected, queued_rows=queued_rows, wait_rows=wait_rows, runs=runs, quick=args.quick)
+    _print_header(
+        selected, queued_rows=queued_rows, wait_rows=wait_rows, listing_rows=listing_rows, runs=runs, quick=args.quick
+    )
     datasets: dict[int, Dataset] = {}
 
     def dataset(rows: int) -> Dataset:
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             "wait": lambda: imports.bench_wait(bench, dataset(wait_rows)),
             "sqlite": lambda: imports.bench_queued_sqlite(bench, dataset(queued_rows)),
             "postgres": lambda: imports.bench_queued_postgres(bench, dataset(queued_rows), server_url=args.postgres),
+            "listing": lambda: listing.bench_listing(bench, rows=listing_rows, server_url=args.postgres),
         }
         for name in BENCHMARKS:
             if name in selected:
@@ -80,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rows",
         type=int,
-        help="rows for every import benchmark (default 1,000,000 queued and 100,000 with --wait)",
+        help="rows for every import benchmark and recipients for the listing "
+        "(default 1,000,000; 100,000 for the --wait import)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and fewer runs, for a smoke run")
     parser.add_argument("--runs", type=int, help="start-up runs per command (default 21, 7 with --quick)")
@@ -110,13 +116,16 @@ def _select(only: list[str] | None) -> set[str]:
     return selected
 
 
-def _print_header(selected: set[str], *, queued_rows: int, wait_rows: int, runs: int, quick: bool) -> None:
+def _print_header(
+    selected: set[str], *, queued_rows: int, wait_rows: int, listing_rows: int, runs: int, quick: bool
+) -> None:
     print(f"cm benchmarks{' (--quick)' if quick else ''}: {', '.join(b for b in BENCHMARKS if b in selected)}")
     print(f"   python {platform.python_version()} at {sys.executable}; cm at {proc.cm()}")
     print(f"   {platform.platform()}, {os.cpu_count()} CPUs; load average {_load()}")
     sizes = [f"start-up {runs} runs"] if "startup" in selected else []
     sizes += [f"--wait import {wait_rows:,} rows"] if "wait" in selected else []
     sizes += [f"queued imports {queued_rows:,} rows"] if selected & {"sqlite", "postgres"} else []
+    sizes += [f"listing {listing_rows:,} recipients"] if "listing" in selected else []
     print(f"   sizes: {', '.join(sizes)}")
     print("   ratio = figure / baseline; the baselines are measured in this same run, next to the figure")
     busy = _busy()

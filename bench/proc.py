@@ -63,14 +63,17 @@ def run(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 900.0,
+    discard_stdout: bool = False,
 ) -> Run:
     """Run argv to completion, timing it and reading its peak RSS from wait4; kill it after timeout seconds.
 
-    Output goes to files rather than pipes, so a chatty command can never block on a full pipe and stall the clock.
+    Output goes to files rather than pipes, so a chatty command can never block on a full pipe and stall the clock;
+    with discard_stdout, stdout goes to /dev/null (a listing of a million rows). The peak RSS is the child's as
+    Linux counts it, which carries over this process's own peak at the fork: keep this process small.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = out_dir / "stdout.txt", out_dir / "stderr.txt"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
+    with (Path(os.devnull) if discard_stdout else out_path).open("wb") as out, err_path.open("wb") as err:
         started = time.perf_counter()
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
@@ -93,7 +96,7 @@ def run(
         returncode=proc.returncode,
         seconds=seconds,
         peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports kilobytes
-        stdout=out_path.read_text(errors="replace"),
+        stdout="" if discard_stdout else out_path.read_text(errors="replace"),
         stderr=stderr,
     )
 

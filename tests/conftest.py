@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+import bigdb
 from campaign_manager import db
 from queue_helpers import BACKENDS, QueueSetup, queue_setup
 
@@ -195,3 +196,38 @@ def qs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
 @pytest.fixture
 def qs_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueSetup]:
     yield from queue_setup(request, "sqlite", tmp_path)
+
+
+# One database of more than 250,000 recipients per test session and backend (tests/bigdb.py), built only when a
+# test asks for it; each test gets a copy of its own.
+
+
+@pytest.fixture(scope="session")
+def big_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "template.db"
+    bigdb.build_sqlite(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def big_postgres_template() -> Iterator[str]:
+    if not POSTGRES_URL:
+        pytest.skip("postgres: CM_TEST_POSTGRES_URL is not set")
+    url = make_postgres_database()
+    try:
+        bigdb.build_postgres(url)
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def big_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh copy of the big database (bigdb.EXPECTED says what it holds), on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield bigdb.copy_sqlite(request.getfixturevalue("big_sqlite_template"), tmp_path)
+        return
+    template = request.getfixturevalue("big_postgres_template")  # skips when there is no server
+    assert POSTGRES_URL is not None
+    with bigdb.copy_postgres(template, _server_url(POSTGRES_URL, "postgres")) as url:
+        yield url

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import json
+import os
 import re
 import subprocess
 import sys
@@ -449,3 +450,21 @@ def test_the_licence_is_an_spdx_expression_for_a_setuptools_that_reads_it() -> N
     assert pyproject["project"]["license"] == "MIT"
     setuptools = next(Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools"))
     assert not setuptools.specifier.contains("76.9") and setuptools.specifier.contains("77.0")
+
+
+@pytest.mark.parametrize("args", [["config", "show", "--json"], ["group", "show", "news"], ["group", "list"]])
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path: Path, args: list[str]) -> None:
+    """`cm ... | head`: whatever printed the output (a record, JSON, a table), a closed pipe is exit 1 and no
+    "internal error"."""
+    env = _env(tmp_path)
+    assert run_cm_process(["group", "create", "news"], env=env, cwd=tmp_path).returncode == 0
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails
+    try:
+        done = subprocess.run(
+            [str(CM_BIN), *args], env={**clean, **env}, cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr

@@ -164,7 +164,7 @@ def test_forget_erases_everything_but_a_hash(cm: Cm, db_url: str, by: str) -> No
     assert [r["email"] for r in cm("recipient list --json").json()] == ["bob@example.com"]
     assert cm("group show news --json").json()["members"] == 1
     shown = cm(f"campaign show {cid} --json").json()
-    assert (shown["audience"], shown["recipients"]) == (1, [])
+    assert (shown["audience"], shown["named_recipients"]) == (1, 0)
 
 
 @pytest.mark.parametrize(

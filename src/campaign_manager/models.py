@@ -53,9 +53,11 @@ def _created() -> Any:
     return Field(default_factory=utcnow, sa_type=UtcDateTime, nullable=False)
 
 
-def _fk(target: str, *, ondelete: str = "CASCADE", primary_key: bool = False, nullable: bool = False) -> Any:
+def _fk(
+    target: str, *, ondelete: str = "CASCADE", primary_key: bool = False, nullable: bool = False, index: bool = False
+) -> Any:
     return Field(  # type: ignore[call-overload]  # sqlmodel types ondelete as a Literal
-        default=None, foreign_key=target, ondelete=ondelete, primary_key=primary_key, nullable=nullable
+        default=None, foreign_key=target, ondelete=ondelete, primary_key=primary_key, nullable=nullable, index=index
     )
 
 
@@ -126,7 +128,11 @@ class CampaignGroup(SQLModel, table=True):
 
 class CampaignRecipient(SQLModel, table=True):
     __tablename__ = "campaign_recipient"
-    __table_args__ = {"sqlite_with_rowid": False}
+    # By recipient too: `forget` and the cascade of a recipient's delete look them up that way.
+    __table_args__ = (
+        sa.Index("ix_campaign_recipient_recipient_id", "recipient_id"),
+        {"sqlite_with_rowid": False},
+    )
 
     campaign_id: int | None = _fk("campaign.id", primary_key=True)
     recipient_id: int | None = _fk("recipient.id", primary_key=True)
@@ -138,7 +144,7 @@ class ConsentEvent(SQLModel, table=True):
     __tablename__ = "consent_event"
 
     id: int | None = Field(default=None, primary_key=True)
-    recipient_id: int | None = _fk("recipient.id", ondelete="SET NULL", nullable=True)
+    recipient_id: int | None = _fk("recipient.id", ondelete="SET NULL", nullable=True, index=True)
     email_hash: str = Field(max_length=64, nullable=False, index=True)
     action: str = Field(max_length=20, nullable=False)
     reason: str | None = Field(default=None)

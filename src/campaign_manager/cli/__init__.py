@@ -13,7 +13,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOption, UsageError
 
 from campaign_manager import __version__
-from campaign_manager.cli._common import State, report_error, report_unexpected
+from campaign_manager.cli._common import State, end_quietly_on_broken_pipe, report_error, report_unexpected
 from campaign_manager.cli._help import Command, Group, build, name_values
 from campaign_manager.errors import CmError, InvalidInput
 
@@ -108,6 +108,8 @@ class _Boundary(Group):
             raise _refuse(exc) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            raise end_quietly_on_broken_pipe() from None
         except Exception as exc:
             if type(exc).__module__.startswith(("click", "typer")):
                 raise

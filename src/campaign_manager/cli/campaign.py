@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
+from campaign_manager.cli._common import JsonOption, emit, emit_items, info, print_record, state
 from campaign_manager.cli._imports import (
     Delimiter,
     EmailColumn,
@@ -129,8 +129,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
     from campaign_manager.services import campaigns
 
     with state(ctx).session(write=False) as session:
-        rows = campaigns.describe_campaigns(session, campaigns.list_campaigns(session))
-    emit(rows, as_json=as_json, render=lambda r: print_table(r, COLUMNS))
+        emit_items(campaigns.iter_campaigns(session), as_json=as_json, columns=COLUMNS)
 
 
 @app.command("show")

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from campaign_manager.cli._common import JsonOption, emit, info, print_record, print_table, state
+from campaign_manager.cli._common import JsonOption, emit, emit_items, info, print_record, print_table, state
 from campaign_manager.cli._imports import Delimiter, EmailColumn, Encoding, UpdateExisting, Wait, run_import
 
 app = typer.Typer(
@@ -46,7 +46,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
     with state(ctx).session(write=False) as session:
         rows = groups.describe_groups(session, groups.list_groups(session))
-    emit(rows, as_json=as_json, render=lambda r: print_table(r, COLUMNS))
+    emit_items(rows, as_json=as_json, columns=COLUMNS)
 
 
 @app.command("show")
@@ -192,11 +192,9 @@ def recipients(
 
     Example: cm group recipients newsletter --active
     """
-    from campaign_manager.cli.recipient import COLUMNS as RECIPIENT_COLUMNS
+    from campaign_manager.cli.recipient import show_recipients
     from campaign_manager.services import groups
-    from campaign_manager.services import recipients as recipient_service
 
     with state(ctx).session(write=False) as session:
-        people = groups.group_recipients(session, ref, active_only=active)
-        rows = recipient_service.describe_many(session, people)
-    emit(rows, as_json=as_json, render=lambda r: print_table(r, RECIPIENT_COLUMNS))
+        selection = groups.group_recipients(session, ref, active_only=active)
+        show_recipients(ctx, session, selection, as_json=as_json)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from campaign_manager.cli._common import JsonOption, emit, info, parse_attrs, print_record, print_table, state
+from campaign_manager.cli._common import JsonOption, emit, info, parse_attrs, print_record, state
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from campaign_manager.services.recipients import Selection
 
 app = typer.Typer(
     name="recipient",
@@ -15,12 +20,10 @@ app = typer.Typer(
 )
 
 COLUMNS = ("id", "email", "name", "status", "groups")
+# Rows a table shows on a terminal when no --limit is given; the rest is one --offset, --json or pipe away.
+TERMINAL_ROWS = 1_000
 Ref = Annotated[str, typer.Argument(help="Recipient id or email", show_default=False)]
 Attrs = Annotated[list[str] | None, typer.Option("--attr", help="KEY=VALUE, repeatable; an empty VALUE removes KEY")]
-
-
-def _show_many(rows: list[dict[str, Any]]) -> None:
-    print_table(rows, COLUMNS)
 
 
 @app.command("create")
@@ -61,11 +64,38 @@ def _list(
     from campaign_manager.services import recipients
 
     with state(ctx).session(write=False) as session:
-        people = recipients.list_recipients(
+        selection = recipients.select_recipients(
             session, status=status, group=group, search=search, limit=limit, offset=offset
         )
-        rows = recipients.describe_many(session, people)
-    emit(rows, as_json=as_json, render=_show_many)
+        show_recipients(ctx, session, selection, as_json=as_json)
+
+
+def show_recipients(ctx: typer.Context, session: Session, selection: Selection, *, as_json: bool) -> None:
+    """A listing of recipients, streamed as it is read: --json and the table alike hold one page at a time. A
+    table on a terminal with no --limit stops after TERMINAL_ROWS rows and says on stderr how to see the rest."""
+    from dataclasses import replace
+    from itertools import islice
+
+    from campaign_manager.cli._common import print_json_items, print_table, stdout_is_terminal
+    from campaign_manager.services import recipients
+
+    if as_json:
+        print_json_items(recipients.iter_recipients(session, selection))
+        return
+    if selection.limit is not None or not stdout_is_terminal():
+        print_table(recipients.iter_recipients(session, selection), COLUMNS)
+        return
+    # One row more than is shown: whether there is a rest to mention.
+    rows = recipients.iter_recipients(session, replace(selection, limit=TERMINAL_ROWS + 1))
+    shown = print_table(islice(rows, TERMINAL_ROWS), COLUMNS)
+    if next(rows, None) is not None:
+        total = recipients.count_recipients(session, selection) - selection.offset
+        start = f" from --offset {selection.offset:,}" if selection.offset else ""
+        info(
+            ctx,
+            f"showed the first {shown:,} of {total:,} recipients{start}; see the rest with --limit and --offset, "
+            "or all of them with --json or through a pipe (cm ... | less)",
+        )
 
 
 @app.command("list")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
@@ -14,6 +14,9 @@ from campaign_manager.errors import Conflict, InvalidInput, NotFound
 from campaign_manager.models import OPTED_OUT, Group, GroupMember, Recipient, utcnow
 from campaign_manager.services import consent
 from campaign_manager.services.emails import check_email, email_key
+
+if TYPE_CHECKING:
+    from campaign_manager.services.recipients import Selection
 
 # What happened to each address given to `add_recipients`.
 CREATED, ADDED, ALREADY_MEMBER, INVALID, SUPPRESSED, DUPLICATE = (
@@ -103,21 +106,11 @@ def list_groups(session: Session) -> list[Group]:
 
 
 def describe_groups(session: Session, groups: Sequence[Group]) -> list[dict[str, Any]]:
-    """Groups with member and active-member counts, in one query."""
-    ids = [g.id for g in groups]
-    counts: dict[int, tuple[int, int]] = {}
-    if ids:
-        rows = session.exec(
-            select(
-                GroupMember.group_id,
-                func.count(),
-                func.count().filter(consent.mailable()),
-            )
-            .join(Recipient, col(Recipient.id) == GroupMember.recipient_id)
-            .where(col(GroupMember.group_id).in_(ids))
-            .group_by(col(GroupMember.group_id))
-        ).all()
-        counts = {gid: (total, act) for gid, total, act in rows if gid is not None}
+    """Groups with member and active-member counts: one group's counted alone, several in one pass over all
+    the memberships (no query names the groups' ids, so their number is no limit)."""
+    if not groups:
+        return []
+    counts = _member_counts(session, groups[0].id if len(groups) == 1 else None)
     return [
         {
             "id": g.id,
@@ -131,11 +124,22 @@ def describe_groups(session: Session, groups: Sequence[Group]) -> list[dict[str,
     ]
 
 
+def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[int, int]]:
+    """group id -> (members, active members), for one group or (None) for all of them."""
+    query = (
+        select(GroupMember.group_id, func.count(), func.count().filter(consent.mailable()))
+        .join(Recipient, col(Recipient.id) == GroupMember.recipient_id)
+        .group_by(col(GroupMember.group_id))
+    )
+    if group_id is not None:
+        query = query.where(GroupMember.group_id == group_id)
+    return {gid: (total, active) for gid, total, active in session.exec(query).all() if gid is not None}
+
+
 def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> list[dict[str, Any]]:
     """Add addresses to a group, creating recipients that do not exist. Reports, for each input, one of
     created / added / already_member / invalid / suppressed / duplicate (given twice), with a reason."""
     group = get_group(session, ref)
-    forgotten = consent.suppressed_hashes(session)
     seen: set[str] = set()
     results: list[dict[str, Any]] = []
     for raw in emails:
@@ -150,7 +154,8 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
             result["outcome"] = DUPLICATE
             continue
         seen.add(key)
-        if consent.email_hash(key) in forgotten:
+        # One lookup an address (they are a handful), not a set of every erased address (there may be millions).
+        if consent.is_forgotten(session, key):
             result.update(outcome=SUPPRESSED, reason="forgotten on request")
             continue
         recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
@@ -189,9 +194,9 @@ def remove_recipients(session: Session, ref: str | int, emails: Sequence[str]) -
     return results
 
 
-def group_recipients(session: Session, ref: str | int, *, active_only: bool = False) -> list[Recipient]:
+def group_recipients(session: Session, ref: str | int, *, active_only: bool = False) -> Selection:
+    """The selection of a group's members (or its active ones), for `recipients.iter_recipients`."""
     from campaign_manager.models import ACTIVE
-    from campaign_manager.services.recipients import list_recipients
+    from campaign_manager.services.recipients import select_recipients
 
-    group = get_group(session, ref)
-    return list_recipients(session, group=group.name, status=ACTIVE if active_only else None)
+    return select_recipients(session, group=get_group(session, ref).id, status=ACTIVE if active_only else None)

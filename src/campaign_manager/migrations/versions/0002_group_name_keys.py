@@ -1,4 +1,4 @@
-"""group names matched ignoring case; a table of database-wide facts
+"""group names matched ignoring case; a table of database-wide facts; recipient indexes for forget
 
 Revision ID: 0002
 Revises: 0001
@@ -25,6 +25,10 @@ def upgrade() -> None:
         sa.Column("value", sa.String(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
+    # `forget` (and the cascade of a recipient's delete) finds a person's audience links and consent events by
+    # recipient id: without these, each scanned the whole table (a second a forget at 1,000,000 rows).
+    op.create_index("ix_campaign_recipient_recipient_id", "campaign_recipient", ["recipient_id"])
+    op.create_index("ix_consent_event_recipient_id", "consent_event", ["recipient_id"])
     with op.batch_alter_table("recipient_group") as batch_op:
         batch_op.add_column(sa.Column("name_key", sa.String(length=200), nullable=True))
     _fill_name_keys()
@@ -55,6 +59,8 @@ def _fill_name_keys() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_consent_event_recipient_id", "consent_event")
+    op.drop_index("ix_campaign_recipient_recipient_id", "campaign_recipient")
     with op.batch_alter_table("recipient_group") as batch_op:
         batch_op.drop_constraint("uq_recipient_group_name_key", type_="unique")
         batch_op.drop_column("name_key")
