@@ -430,6 +430,8 @@ def purge_old_files(settings: Settings) -> None:
     days = float(settings.get("jobs.keep_files_days"))
     try:
         purged = retention.purge_if_due(settings.database_url, older_than_days=days)
+    except db.DatabaseGone:
+        raise  # fatal for the worker: its caller stops
     except CmError as exc:
         log.warning("could not purge old staged uploads: %s", exc.message)
         return
