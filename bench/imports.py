@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import col, select
-
 from bench import pg, proc
 from bench.gen import Dataset, describe
 from bench.report import Baseline, Figure, Report, Target
@@ -315,7 +313,7 @@ def _report_lock(
         report.target(_missing(target, "the opt-out probe failed"))
         return
     idle_ms = statistics.median(idle) * 1000
-    held = _longest_segment(database)
+    held = _longest_segment(bench, database)
     base = (Baseline("the same opt-out, idle database (median)", idle_ms),)
     worst = max(latencies) * 1000
     figures = [
@@ -328,17 +326,12 @@ def _report_lock(
     report.target(Target(target.name, target.limit, target.unit, False, worst))
 
 
-def _longest_segment(database: str) -> float | None:
+def _longest_segment(bench: Bench, database: str) -> float | None:
     """The import's own record of its longest segment transaction (job.result.max_lock_seconds)."""
-    from campaign_manager.db import open_session
-    from campaign_manager.models import Job
-
-    with open_session(database, write=False) as session:
-        jobs = session.exec(select(Job).order_by(col(Job.id).desc())).all()
-    for job in jobs:
-        if job.kind == "import" and (job.result or {}).get("max_lock_seconds") is not None:
-            return float(job.result["max_lock_seconds"])
-    return None
+    argv = [proc.python(), "-m", "bench.lock_probe", "--longest", database]
+    run = proc.run(argv, cwd=Path(__file__).parent.parent, out_dir=bench.work / "out", timeout=bench.timeout)
+    found = _json(run.stdout) if run.ok else None
+    return float(found) if isinstance(found, int | float) else None
 
 
 def _setup(bench: Bench, database: str) -> proc.Run:
