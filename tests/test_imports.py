@@ -178,9 +178,10 @@ def test_json_objects_match_json_dumps() -> None:
     cells = ["", "plain", 'q"uote', "back\\slash", "new\nline", "tab\t", "é😀", "\x00", " "]
     columns = [(0, "a"), (1, 'we"ird'), (2, "ü")]
     rows = [[x, y, z] for x in cells for y in cells for z in cells[::2]]
-    got = [json.loads(text) for text in import_parse.json_objects(rows, columns)]
+    by_column = [(name, [r[i] for r in rows]) for i, name in columns]
+    got = [json.loads(text) for text in import_parse.json_columns(by_column, len(rows))]
     assert got == [{name: r[i] for i, name in columns if r[i]} for r in rows]
-    assert import_parse.json_objects(rows[:3], []) == ["{}"] * 3
+    assert import_parse.json_columns([], 3) == ["{}"] * 3
 
 
 def test_update_existing(news: Callable[..., Run], tmp_path: Path, segments: None) -> None:

@@ -118,11 +118,6 @@ def _too_long(problems: dict[int, str], what: str, cells: list[str], limit: int)
             problems.setdefault(i, reason)
 
 
-def json_objects(rows: list[list[str]], columns: list[tuple[int, str]]) -> list[str]:
-    """Each row's attribute columns as the text of a JSON object (see json_columns)."""
-    return json_columns([(name, [r[i] for r in rows]) for i, name in columns], len(rows))
-
-
 def json_columns(columns: list[tuple[str, list[str]]], count: int) -> list[str]:
     """The text of a JSON object for each of `count` rows, from (key, cells) columns; an empty cell adds no key.
     Built column by column with json's C string encoder (building it in SQL cost a third of the recipient insert)."""

@@ -53,7 +53,8 @@ def _scrub_upload(session: Session, job_id: int, args: dict[str, object], key: s
     ranges = list(_blank_ranges(_chunks(session, job_id), layout.encoding, key, rows))
     if not ranges:
         return False
-    space = " ".encode(_base_codec(layout.encoding, b"")[0])
+    head = next(_chunks(session, job_id), b"")[:4]
+    space = " ".encode(_base_codec(layout.encoding, head)[0])  # UTF-16 and -32: in the file's own byte order
     start, seq = 0, 0
     while (row := session.get(JobFile, (job_id, seq))) is not None:
         end = start + len(row.data)
