@@ -231,3 +231,13 @@ def big_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     assert POSTGRES_URL is not None
     with bigdb.copy_postgres(template, _server_url(POSTGRES_URL, "postgres")) as url:
         yield url
+
+
+def small_segments(monkeypatch: pytest.MonkeyPatch, rows: int, *, batch_rows: int | None = None) -> None:
+    """Imports apply segments of at most `rows` rows (each extended to the end of its last address) and read the
+    file in batches of `batch_rows` (default: `rows`), for tests of what happens between them."""
+    from campaign_manager.services import import_sql, imports
+
+    for dialect in import_sql.SEGMENT_ROWS:
+        monkeypatch.setitem(import_sql.SEGMENT_ROWS, dialect, rows)
+    monkeypatch.setattr(imports, "BATCH_ROWS", batch_rows or rows)

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from campaign_manager import db
-from campaign_manager.services import import_sql, imports, jobs
-from conftest import Run
+from campaign_manager.services import jobs
+from conftest import Run, small_segments
 
 Cm = Callable[..., Run]
 
@@ -92,9 +92,7 @@ def test_an_address_forgotten_during_an_import_is_not_created(
     news: Cm, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The import had already read her row when she was forgotten: its next segment finds the new suppression."""
-    for dialect in import_sql.SEGMENT_ROWS:
-        monkeypatch.setitem(import_sql.SEGMENT_ROWS, dialect, 50)
-    monkeypatch.setattr(imports, "BATCH_ROWS", 50)
+    small_segments(monkeypatch, 50)
     lines = ["email,name"] + [f"p{i}@example.com,P{i}" for i in range(200)]
     lines[150] = "eve@example.com," + "E" * 201  # her row is also rejected: that reject must not keep her address
     lines[160] = "eve@example.com,Eve"

@@ -18,8 +18,8 @@ import sqlalchemy as sa
 
 from campaign_manager import db, queue
 from campaign_manager.models import Job, utcnow
-from campaign_manager.services import import_sql, imports, jobs
-from conftest import CM_BIN, Run, assert_error, make_cm
+from campaign_manager.services import jobs
+from conftest import CM_BIN, Run, assert_error, make_cm, small_segments
 
 Cm = Callable[..., Run]
 
@@ -154,9 +154,7 @@ def test_segments_commit_and_an_opt_out_goes_through_meanwhile(news: Cm, db_url:
 def test_a_run_that_lost_its_job_commits_nothing_more(
     news: Cm, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for dialect in import_sql.SEGMENT_ROWS:
-        monkeypatch.setitem(import_sql.SEGMENT_ROWS, dialect, 100)
-    monkeypatch.setattr(imports, "BATCH_ROWS", 100)
+    small_segments(monkeypatch, 100)
     path = tmp_path / "people.csv"
     path.write_text("email\n" + "".join(f"s{i}@example.com\n" for i in range(1_000)), encoding="utf-8")
     job_id = int(news(["group", "add-recipients", "news", "--csv", str(path)]).stdout)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from campaign_manager.services import import_parse, import_sql, imports, jobs
-from conftest import Run
+from campaign_manager.services import import_parse, imports, jobs
+from conftest import Run, small_segments
 
 GOOD = "ada@example.com"
 
@@ -46,11 +46,7 @@ def segments(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         _use_helper(monkeypatch)
         monkeypatch.setattr(imports, "BATCH_ROWS", 1)
     if request.param == "many-segments":
-        for dialect in import_sql.SEGMENT_ROWS:
-            monkeypatch.setitem(import_sql.SEGMENT_ROWS, dialect, 2)
-        monkeypatch.setattr(import_sql, "FIRST_SQLITE_ROWS", 2)
-        monkeypatch.setattr(import_sql.SqliteBackend, "first_rows_auto", 2)
-        monkeypatch.setattr(imports, "BATCH_ROWS", 1)
+        small_segments(monkeypatch, 2, batch_rows=1)
 
 
 def _use_helper(monkeypatch: pytest.MonkeyPatch) -> list[import_parse.ParseProcess]:

@@ -76,14 +76,9 @@ def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str
         )
     data = jobs.describe_job(attempt.job)
     if signum and data["status"] == "cancelled":
-        kept = data["counts"].get("created", 0) + data["counts"].get("added", 0)
-        what = "nothing was applied" if not data["counts"] else "what was applied is kept"
-        info(
-            ctx,
-            f"interrupted: import job {job_id} cancelled; {what}"
-            + (f" ({kept:,} recipients created or added)" if kept else "")
-            + f"; `cm jobs retry {job_id}` imports the rest",
-        )
+        added = data["counts"].get("added", 0)
+        what = f"the {added:,} recipients it added are kept" if data["counts"] else "nothing was applied"
+        info(ctx, f"interrupted: import job {job_id} cancelled; {what}; `cm jobs retry {job_id}` imports the rest")
         raise typer.Exit(128 + signum)
     summarize(ctx, data)
     if data["status"] != "done":

@@ -15,6 +15,7 @@ import codecs
 import io
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -26,9 +27,14 @@ from campaign_manager.services.emails import check_email
 SCAN_ROWS = 5_000
 
 
+def rejects_naming(key: str) -> Any:
+    """The condition on import_reject of the rows that hold the address `key` (in any case)."""
+    return sa.func.lower(col(ImportReject.raw)).contains(key, autoescape=True)
+
+
 def scrub_address(session: Session, key: str) -> int:
     """Remove the address `key` from every rejected row and staged upload; returns how many uploads held it."""
-    session.exec(sa.delete(ImportReject).where(sa.func.lower(col(ImportReject.raw)).contains(key, autoescape=True)))
+    session.exec(sa.delete(ImportReject).where(rejects_naming(key)))
     staged = sa.exists().where(col(JobFile.job_id) == Job.id)
     scrubbed = 0
     for job in session.exec(select(Job).where(staged).order_by(col(Job.id))).all():

@@ -102,10 +102,8 @@ class Backend:
         self.segments = 0
         self.max_lock = 0.0
         self.now: Any = None
-        self.raw: Any = None
-        self.cur: Any = None
-        self.raw = self.connect()
-        self.cur = self.raw.cursor()
+        self.raw: Any = self.connect()
+        self.cur: Any = self.raw.cursor()
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -190,14 +188,12 @@ class Backend:
         """The rejected rows, into import_reject, a few thousand a transaction (a broken file can have millions:
         never one long hold of the lock); the progress says how far, so a resumed run does not store them twice."""
         while True:
-            lines = [
-                int(line)
-                for (line,) in self.sql(
-                    f"SELECT line FROM cm_rejects WHERE line > ? ORDER BY line LIMIT {REJECTS_PER_COMMIT}",
-                    (self.rejects_line,),
-                ).fetchall()
-            ]
-            if not lines:
+            through = self.scalar(
+                "SELECT max(line) FROM (SELECT line FROM cm_rejects WHERE line > ? ORDER BY line"
+                f" LIMIT {REJECTS_PER_COMMIT}) chunk",
+                (self.rejects_line,),
+            )
+            if through is None:
                 return
             self.lock()
             try:
@@ -205,19 +201,19 @@ class Backend:
                 self._recheck_forgotten()
                 rejects = self.sql(
                     "SELECT line, raw, reason FROM cm_rejects WHERE line > ? AND line <= ?",
-                    (self.rejects_line, lines[-1]),
+                    (self.rejects_line, through),
                 ).fetchall()
                 if self.late:
                     rejects = [r for r in rejects if not self._names_forgotten(r[1])]
                 if rejects:
                     rows = [(self.job_id, *reject) for reject in rejects]
                     self.insert_rows("import_reject", ("job_id", "line", "raw", "reason"), rows)
-                self._record({"rejects_line": lines[-1]})
+                self._record({"rejects_line": through})
                 self.raw.commit()
             except BaseException:
                 self.raw.rollback()
                 raise
-            self.rejects_line = lines[-1]
+            self.rejects_line = int(through)
             if progress is not None:
                 progress(0.0)
 

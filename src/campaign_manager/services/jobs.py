@@ -480,11 +480,11 @@ def attempt_job(
 def _interrupted(url: str, job_id: int, signum: int) -> tuple[dict[str, Any], str]:
     """What a job stopped by a signal comes to: cancelled, keeping what its committed parts counted (`cm jobs retry`
     resumes after them), or done if the signal came after its handler had committed everything."""
-    result = _read(url, job_id)
-    if result.result.get("committed"):
-        return {"status": JOB_DONE, "counts": dict(result.counts), "error": None}, DONE
+    job = _read(url, job_id)
+    if job.result.get("committed"):
+        return {"status": JOB_DONE, "counts": dict(job.counts), "error": None}, DONE
     error = f"interrupted by {signal.Signals(signum).name}; `cm jobs retry {job_id}` runs the rest"
-    return {"status": JOB_CANCELLED, "error": error, "counts": dict(result.result.get("partial") or {})}, CANCELLED
+    return {"status": JOB_CANCELLED, "error": error, "counts": dict(job.result.get("partial") or {})}, CANCELLED
 
 
 def _fault(job: Job, exc: BaseException) -> dict[str, Any]:
@@ -526,8 +526,9 @@ def _hand_back(url: str, run: _Run, error: str) -> bool:
 
 
 def run_job(url: str, job_id: int, *, worker: str, progress: Progress | None = None, **options: Any) -> Job:
-    """attempt_job, for callers that only need the row (a `--wait` import): no retry, so it ends done or failed
-    (or untouched, when someone else holds it). `options` are attempt_job's."""
+    """attempt_job, for callers that only need the row: no retry, so it ends done or failed (or untouched, when
+    someone else holds it). `options` are attempt_job's. (`--wait` uses run_in_foreground, which also stops on
+    SIGINT and SIGTERM.)"""
     return attempt_job(url, job_id, worker=worker, progress=progress, **options).job
 
 

@@ -27,7 +27,7 @@ from campaign_manager.models import (
 )
 from campaign_manager.services import consent
 from campaign_manager.services.emails import email_key, normalize_email
-from campaign_manager.services.import_scrub import scrub_address
+from campaign_manager.services.import_scrub import rejects_naming, scrub_address
 
 
 def find_recipient(session: Session, ref: str | int) -> Recipient | None:
@@ -237,9 +237,7 @@ def iter_recipients(session: Session, selection: Selection, *, page_rows: int = 
             return
         names = _page_group_names(connection, [row[0] for row in rows])
         for row in rows:
-            item = _describe_row(row)
-            item["groups"] = names.get(row[0], [])
-            yield item
+            yield _describe_row(row, names.get(row[0], []))
         last = rows[-1][0]
         if left is not None:
             left -= len(rows)
@@ -278,8 +276,8 @@ def count_recipients(session: Session, selection: Selection) -> int:
     return int(session.execute(query).scalar_one())
 
 
-def _describe_row(row: Any) -> dict[str, Any]:
-    """`describe` for a row of a listing, from the driver's values (groups filled in by the caller)."""
+def _describe_row(row: Any, groups: list[str]) -> dict[str, Any]:
+    """`describe`, from the values of _COLUMNS: a listing's row as the driver hands it back, or a Recipient's."""
     rid, email, name, phone, status, attributes, reason, opted_out_at, created_at, updated_at = row
     return {
         "id": rid,
@@ -287,7 +285,7 @@ def _describe_row(row: Any) -> dict[str, Any]:
         "name": name,
         "phone": phone,
         "status": status,
-        "groups": [],
+        "groups": groups,
         "attributes": _json_value(attributes),
         "opt_out_reason": reason,
         "opted_out_at": _utc(opted_out_at),
@@ -302,7 +300,8 @@ _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once
 
 
 def _json_value(value: Any) -> Any:
-    """A JSON column's value: SQLite hands back the text (as json.dumps wrote it), psycopg the decoded value."""
+    """A JSON column's value: SQLite hands back the text (as json.dumps wrote it); psycopg, and the model, the
+    decoded value."""
     if not isinstance(value, str):
         return value
     try:
@@ -313,7 +312,8 @@ def _json_value(value: Any) -> Any:
 
 
 def _utc(value: Any) -> datetime | None:
-    """What UtcDateTime gives, from the driver's value: SQLite's text (naive, in UTC), psycopg's aware datetime."""
+    """What UtcDateTime gives, from the driver's value (SQLite's text, naive, in UTC; psycopg's aware datetime) or
+    from UtcDateTime itself."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -338,19 +338,7 @@ def group_names(session: Session, recipient_id: int) -> list[str]:
 
 def describe(recipient: Recipient, groups: list[str]) -> dict[str, Any]:
     """The recipient as the CLI shows it (table and --json alike)."""
-    return {
-        "id": recipient.id,
-        "email": recipient.email,
-        "name": recipient.name,
-        "phone": recipient.phone,
-        "status": recipient.status,
-        "groups": groups,
-        "attributes": recipient.attributes,
-        "opt_out_reason": recipient.opt_out_reason,
-        "opted_out_at": recipient.opted_out_at,
-        "created_at": recipient.created_at,
-        "updated_at": recipient.updated_at,
-    }
+    return _describe_row(tuple(getattr(recipient, name) for name in _COLUMNS), groups)
 
 
 def describe_many(session: Session, recipients: Sequence[Recipient]) -> list[dict[str, Any]]:
@@ -374,7 +362,7 @@ def export_recipient(session: Session, ref: str | int) -> dict[str, Any]:
     data["campaigns"] = [{"id": cid, "title": title} for cid, title in named]
     rejects = session.exec(
         select(ImportReject)
-        .where(func.lower(col(ImportReject.raw)).contains(recipient.email_key, autoescape=True))
+        .where(rejects_naming(recipient.email_key))
         .order_by(col(ImportReject.job_id), col(ImportReject.line))
     ).all()
     data["rejected_import_rows"] = [
