@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from campaign_manager.audience import consent
 from campaign_manager.db import open_session
-from campaign_manager.services import consent
 
 
 def main() -> int:

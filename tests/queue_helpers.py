@@ -62,7 +62,7 @@ def _work(args: dict[str, Any], progress: Callable[[int, int], None]) -> None:
 
 def ok_handler(url: str, job_id: int, progress: Callable[[int, int], None]) -> dict[str, Any]:
     """Idempotent: makes the group `job-<id>` unless it exists."""
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     args = _args(url, job_id)
     _record(args, job_id)
@@ -97,8 +97,8 @@ def flaky_handler(url: str, job_id: int, progress: Callable[[int, int], None]) -
 def modes_handler(url: str, job_id: int, progress: Callable[[int, int], None]) -> dict[str, Any]:
     """Writes into the database and, while its connection is open (so SQLite's -wal and -shm files exist, made by
     this process), notes the mode of each file beside the database and the queue in the file args["log"]."""
+    from campaign_manager.audience import groups
     from campaign_manager.config import default_queue_url
-    from campaign_manager.services import groups
 
     args = _args(url, job_id)
     path = db.sqlite_path(url)
@@ -123,17 +123,17 @@ KINDS: dict[str, Callable[[str, int, Callable[[int, int], None]], dict[str, Any]
 
 
 def register_kinds() -> None:
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records
 
     for kind, handler in KINDS.items():
-        jobs.register_handler(kind, handler)
+        records.register_handler(kind, handler)
 
 
 def unregister_kinds() -> None:
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records
 
     for kind in KINDS:
-        jobs.unregister_handler(kind)
+        records.unregister_handler(kind)
 
 
 # Test settings: fast retries. Each key maps to its environment variable for subprocesses.
@@ -180,7 +180,7 @@ class QueueSetup:
         return env
 
     def huey(self) -> Any:
-        from campaign_manager.queue import get_huey
+        from campaign_manager.jobs.queue import get_huey
 
         huey = get_huey(self.settings(), blocking=False)
         self._hueys.append(huey)
@@ -188,11 +188,11 @@ class QueueSetup:
 
     def queue(self, kind: str = "test-ok", *, enqueue: bool = True, **args: Any) -> int:
         """A committed job of `kind`, on the queue unless enqueue=False."""
-        from campaign_manager.queue import enqueue_job
-        from campaign_manager.services import jobs
+        from campaign_manager.jobs import records
+        from campaign_manager.jobs.queue import enqueue_job
 
         with db.open_session(self.db_url) as session:
-            job_id = int(jobs.create_job(session, kind, {"log": str(self.log), **args}).id or 0)
+            job_id = int(records.create_job(session, kind, {"log": str(self.log), **args}).id or 0)
         if enqueue:
             enqueue_job(self.settings(), job_id)
         return job_id
@@ -214,7 +214,7 @@ class QueueSetup:
         return runs_of(self.log, job_id)
 
     def close(self) -> None:
-        from campaign_manager.queue import close_huey
+        from campaign_manager.jobs.queue import close_huey
 
         for huey in self._hueys:
             close_huey(huey)
@@ -322,8 +322,8 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float = 30.0, what: str 
 
 def _enqueue_main(count: int, threads: int, log: str) -> int:
     """Queue `count` test jobs from each of `threads` threads, the way `cm` does it: a job row, then a message."""
-    from campaign_manager.queue import enqueue_job
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records
+    from campaign_manager.jobs.queue import enqueue_job
 
     settings = load_settings(None)
     failures: list[BaseException] = []
@@ -333,10 +333,10 @@ def _enqueue_main(count: int, threads: int, log: str) -> int:
         try:
             for _ in range(count):
                 with db.open_session(settings.database_url) as session:
-                    job_id = int(jobs.create_job(session, "test-ok", {"log": log}).id or 0)
+                    job_id = int(records.create_job(session, "test-ok", {"log": log}).id or 0)
                 enqueue_job(settings, job_id)
                 with db.open_session(settings.database_url, write=False) as session:
-                    jobs.list_jobs(session, limit=5)
+                    records.list_jobs(session, limit=5)
                 ids.append(job_id)
         except BaseException as exc:
             failures.append(exc)

@@ -223,7 +223,7 @@ def test_json_log_lines(cm: Cm, monkeypatch: pytest.MonkeyPatch) -> None:
     json.loads(run.stdout)  # stdout stays pure data
     records = _log_records(run.stderr)
     assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
-    consent = [r for r in records if r["logger"] == "campaign_manager.services.consent"]
+    consent = [r for r in records if r["logger"] == "campaign_manager.audience.consent"]
     assert [(r["level"], r["action"], r["source"]) for r in consent] == [("info", "opt_out", "cm recipient opt-out")]
     assert any(r["level"] == "debug" for r in records)
     # Log lines outlive `forget`, so they never carry the address.
@@ -240,7 +240,7 @@ def test_log_format_from_the_config_file(cm_bare: Cm, tmp_path: Path) -> None:
 
 def test_text_logs_and_quiet(cm: Cm) -> None:
     verbose = cm("-v recipient opt-out ada@example.com")
-    assert " INFO campaign_manager.services.consent: consent opt_out by cm recipient opt-out" in verbose.stderr
+    assert " INFO campaign_manager.audience.consent: consent opt_out by cm recipient opt-out" in verbose.stderr
     assert not _log_records(verbose.stderr)
     assert cm("-q recipient opt-out bob@example.com").stderr == ""
     bob = cm("recipient show bob@example.com --json").json()["id"]

@@ -1,6 +1,6 @@
 """check_email must agree exactly with email-validator: same verdict, same normalized form, same reason.
 
-The fast path in campaign_manager.services.emails re-implements a slice of email-validator, so the
+The fast path in campaign_manager.audience.addresses re-implements a slice of email-validator, so the
 property tests below generate many near-miss addresses around the edges of that slice (role names,
 special-use and numeric TLDs, hyphens, dots, length limits, Unicode look-alikes) and compare the result
 with the library itself, which acts as the oracle.
@@ -18,8 +18,8 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from campaign_manager.audience.addresses import PLAIN_ADDRESS, _fast_normalize, check_email, email_key, normalize_email
 from campaign_manager.errors import InvalidInput
-from campaign_manager.services.emails import PLAIN_ADDRESS, _fast_normalize, check_email, email_key, normalize_email
 
 T = TypeVar("T")
 

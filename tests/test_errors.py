@@ -170,7 +170,7 @@ def test_the_exit_codes_are_the_documented_ones() -> None:
 
 
 def test_an_unexpected_error_is_one_line_and_exit_70(cm: Cm, monkeypatch: pytest.MonkeyPatch) -> None:
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     def broken(*_args: object, **_kwargs: object) -> list[object]:
         raise RuntimeError("something broke")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from campaign_manager import db, queue
+from campaign_manager import db
 from campaign_manager.config import load_settings
-from campaign_manager.services import jobs
+from campaign_manager.jobs import queue, records
 from conftest import Run
 from queue_helpers import HERE, register_kinds, unregister_kinds
 
@@ -68,7 +68,7 @@ def test_what_cm_creates_is_private(tmp_path: Path) -> None:
     register_kinds()
     try:
         with db.open_session(url) as session:
-            job_id = int(jobs.create_job(session, "test-modes", {"log": str(tmp_path / "modes.json")}).id or 0)
+            job_id = int(records.create_job(session, "test-modes", {"log": str(tmp_path / "modes.json")}).id or 0)
         queue.enqueue_job(load_settings(None, {"database.url": url}), job_id)
     finally:
         unregister_kinds()

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from campaign_manager import db
-from campaign_manager.services import jobs
+from campaign_manager.jobs import runner
 from conftest import Run, small_segments
 
 Cm = Callable[..., Run]
@@ -106,7 +106,7 @@ def test_an_address_forgotten_during_an_import_is_not_created(
             forgotten.set()
             news("recipient forget eve@example.com")
 
-    assert jobs.attempt_job(db_url, job_id, worker="w", progress=forget_eve).outcome == jobs.DONE
+    assert runner.attempt_job(db_url, job_id, worker="w", progress=forget_eve).outcome == runner.DONE
     counts = news(f"jobs show {job_id} --json").json()["counts"]
     assert counts["suppressed"] == 1 and counts["created"] == 198, counts
     assert "eve@example.com" not in _database_text(db_url).lower()

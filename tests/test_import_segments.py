@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from campaign_manager import db, queue
+from campaign_manager import db
+from campaign_manager.jobs import records, runner, tasks
 from campaign_manager.models import Job, utcnow
-from campaign_manager.services import jobs
 from conftest import CM_BIN, Run, assert_error, make_cm, small_segments
 
 Cm = Callable[..., Run]
@@ -55,7 +55,7 @@ def _expected(existing_members: int, opted_out: int) -> dict[str, int]:
 
 def _job(url: str, job_id: int) -> Job:
     with db.open_session(url, write=False) as session:
-        return jobs.get_job(session, job_id)
+        return records.get_job(session, job_id)
 
 
 def _env(url: str, **settings: str) -> dict[str, str]:
@@ -167,8 +167,8 @@ def test_a_run_that_lost_its_job_commits_nothing_more(
                 steal = "UPDATE job SET worker = 'thief', attempts = attempts + 1 WHERE id = :id"
                 conn.execute(sa.text(steal), {"id": job_id})
 
-    attempt = jobs.attempt_job(db_url, job_id, worker="me", progress=steal)
-    assert attempt.outcome == jobs.LOST
+    attempt = runner.attempt_job(db_url, job_id, worker="me", progress=steal)
+    assert attempt.outcome == runner.LOST
     assert news("group show news --json").json()["members"] == 300
     assert attempt.job.worker == "thief" and attempt.job.status == "running"
 
@@ -259,6 +259,6 @@ def test_a_failure_at_the_commit_leaves_no_job_behind(
     )
     assert done.returncode == 6 and done.stdout == "" and done.stderr.startswith("error: database error"), done.stderr
     assert cm("jobs list --json").json() == []
-    monkeypatch.setattr(queue, "NOT_YET_SAVED_S", 0.2)
+    monkeypatch.setattr(tasks, "NOT_YET_SAVED_S", 0.2)
     assert "1 skipped" in cm("worker --drain").stderr  # the message whose job never committed
     assert cm("jobs list --json").json() == [] and cm("group show news --json").json()["members"] == 0

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from campaign_manager.services import import_parse, imports, jobs
+from campaign_manager.imports import parse as import_parse
+from campaign_manager.imports import service as imports
+from campaign_manager.jobs import runner
 from conftest import Run, small_segments
 
 GOOD = "ada@example.com"
@@ -251,9 +253,9 @@ def test_uncommitted_run_starts_over(news: Callable[..., Run], db_url: str, tmp_
     job_id = int(news(["group", "add-recipients", "news", "--csv", str(path)]).stdout.strip())
 
     def die(done: int, total: int) -> None:
-        raise jobs.JobReleased
+        raise runner.JobReleased
 
-    with pytest.raises(jobs.JobReleased):
+    with pytest.raises(runner.JobReleased):
         imports.run_import_job(db_url, job_id, die)
     assert news("group show news --json").json()["members"] == 0
     assert imports.run_import_job(db_url, job_id)["created"] == 20_000
@@ -337,16 +339,16 @@ def test_helper_process_imports_and_reports_broken_csv(
     job_id = int(news(["group", "add-recipients", "news", "--csv", str(_write(tmp_path, good))]).stdout.strip())
 
     def give_back(done: int, total: int) -> None:
-        raise jobs.JobReleased
+        raise runner.JobReleased
 
-    with pytest.raises(jobs.JobReleased):
+    with pytest.raises(runner.JobReleased):
         imports.run_import_job(db_url, job_id, give_back)
     assert started[-1]._proc.returncode is not None
     assert imports.run_import_job(db_url, job_id)["already_member"] == 100
 
 
 def test_helper_process_that_dies_fails_the_job_and_close_reaps_it() -> None:
-    from campaign_manager.services.csvfile import inspect_csv
+    from campaign_manager.imports.csvfile import inspect_csv
 
     data = b"email\n" + b"".join(b"p%d@example.com\n" % i for i in range(50_000))
     layout = inspect_csv(data[:4096], name="x.csv")

@@ -1,4 +1,4 @@
-"""The job table: the `cm jobs` commands, and the claim/heartbeat/release rules of services/jobs.py."""
+"""The job table: the `cm jobs` commands, and the claim/heartbeat/release rules of jobs/runner.py and jobs/leases.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from campaign_manager import db
 from campaign_manager.errors import CmError, InvalidInput, NotFound
+from campaign_manager.jobs import leases, records, runner
 from campaign_manager.models import Job, utcnow
-from campaign_manager.services import jobs
 from conftest import Run
 from queue_helpers import register_kinds, unregister_kinds
 
@@ -26,7 +26,7 @@ def _kinds() -> Iterator[None]:
 
 def make_job(url: str, kind: str = "test-ok", **values: Any) -> int:
     with db.open_session(url) as session:
-        job = jobs.create_job(session, kind, {"log": "/dev/null"})
+        job = records.create_job(session, kind, {"log": "/dev/null"})
         for key, value in values.items():
             setattr(job, key, value)
         return int(job.id or 0)
@@ -34,7 +34,7 @@ def make_job(url: str, kind: str = "test-ok", **values: Any) -> int:
 
 def read_job(url: str, job_id: int) -> Job:
     with db.open_session(url, write=False) as session:
-        return jobs.get_job(session, job_id)
+        return records.get_job(session, job_id)
 
 
 # -- `cm jobs` --------------------------------------------------------------------------------------------------
@@ -91,42 +91,42 @@ def test_jobs_show_progress_of_a_running_job(db_url: str, cm: Callable[..., Run]
 
 def test_create_job_refuses_an_unknown_kind(sqlite_url: str) -> None:
     with db.open_session(sqlite_url) as session, pytest.raises(InvalidInput, match="unknown job kind 'nope'"):
-        jobs.create_job(session, "nope", {})
+        records.create_job(session, "nope", {})
 
 
 def test_handler_registry() -> None:
-    assert jobs.HANDLERS["import"] == "campaign_manager.services.imports:run_import_job"
-    jobs.register_handler("test-path", "queue_helpers:ok_handler")
+    assert records.HANDLERS["import"] == "campaign_manager.imports.service:run_import_job"
+    records.register_handler("test-path", "queue_helpers:ok_handler")
     try:
-        assert jobs.get_handler("test-path").__name__ == "ok_handler"
-        jobs.register_handler("test-broken", "campaign_manager.nowhere:handler")
+        assert records.get_handler("test-path").__name__ == "ok_handler"
+        records.register_handler("test-broken", "campaign_manager.nowhere:handler")
         with pytest.raises(CmError, match="cannot load the handler of job kind 'test-broken'"):
-            jobs.get_handler("test-broken")
+            records.get_handler("test-broken")
     finally:
-        jobs.unregister_handler("test-path")
-        jobs.unregister_handler("test-broken")
+        records.unregister_handler("test-path")
+        records.unregister_handler("test-broken")
     with pytest.raises(InvalidInput, match="no handler for job kind 'test-path'"):
-        jobs.get_handler("test-path")
+        records.get_handler("test-path")
 
 
 def test_missing_job(sqlite_url: str) -> None:
     with pytest.raises(NotFound):
-        jobs.run_job(sqlite_url, 12345, worker="test")
+        runner.run_job(sqlite_url, 12345, worker="test")
 
 
 def test_run_job_outside_the_queue(db_url: str) -> None:
     """What `--wait` does: run the job here, with a progress callback; a failure is final."""
     seen: list[tuple[int, int]] = []
     job_id = make_job(db_url)
-    job = jobs.run_job(db_url, job_id, worker="cm --wait", progress=lambda done, total: seen.append((done, total)))
+    job = runner.run_job(db_url, job_id, worker="cm --wait", progress=lambda done, total: seen.append((done, total)))
     assert (job.status, job.worker, job.counts["created"]) == ("done", "cm --wait", 1)
     assert seen[-1] == (1, 1) and job.result["progress"] == {"done": 1, "total": 1}
 
     failing = make_job(db_url, "test-fail")
-    job = jobs.run_job(db_url, failing, worker="cm --wait")
+    job = runner.run_job(db_url, failing, worker="cm --wait")
     assert (job.status, job.error, job.attempts) == ("failed", "RuntimeError: boom", 1)
     # A second run finds it failed and leaves it alone.
-    assert jobs.attempt_job(db_url, failing, worker="cm --wait").outcome == jobs.SKIPPED
+    assert runner.attempt_job(db_url, failing, worker="cm --wait").outcome == runner.SKIPPED
 
 
 def _blocking_kind(
@@ -151,12 +151,12 @@ def _blocking_kind(
 
 def test_heartbeat_renews_the_lease_and_keeps_the_handlers_result(db_url: str) -> None:
     started, go = threading.Event(), threading.Event()
-    jobs.register_handler("test-block", _blocking_kind(db_url, started, go, write_result=True))
+    records.register_handler("test-block", _blocking_kind(db_url, started, go, write_result=True))
     try:
         job_id = make_job(db_url, "test-block")
-        attempts: list[jobs.Attempt] = []
+        attempts: list[runner.Attempt] = []
         thread = threading.Thread(
-            target=lambda: attempts.append(jobs.attempt_job(db_url, job_id, worker="w1", lease_seconds=0.3))
+            target=lambda: attempts.append(runner.attempt_job(db_url, job_id, worker="w1", lease_seconds=0.3))
         )
         thread.start()
         started.wait(10)
@@ -170,39 +170,39 @@ def test_heartbeat_renews_the_lease_and_keeps_the_handlers_result(db_url: str) -
         from queue_helpers import wait_for
 
         wait_for(renewed, what="the heartbeat")
-        assert jobs.active_jobs() == [job_id]
+        assert leases.active_jobs() == [job_id]
         go.set()
         thread.join(10)
     finally:
-        jobs.unregister_handler("test-block")
+        records.unregister_handler("test-block")
     [attempt] = attempts
     job = read_job(db_url, job_id)
-    assert attempt.outcome == jobs.DONE and job.status == "done" and job.lease_until is None
+    assert attempt.outcome == runner.DONE and job.status == "done" and job.lease_until is None
     assert job.result["committed"] is True and job.result["progress"]["total"] == 1000
-    assert jobs.active_jobs() == []
+    assert leases.active_jobs() == []
 
 
 def test_release_puts_the_job_back(db_url: str) -> None:
     started, go = threading.Event(), threading.Event()
-    jobs.register_handler("test-block", _blocking_kind(db_url, started, go))
+    records.register_handler("test-block", _blocking_kind(db_url, started, go))
     enqueued: list[int] = []
     try:
         job_id = make_job(db_url, "test-block")
-        attempts: list[jobs.Attempt] = []
-        thread = threading.Thread(target=lambda: attempts.append(jobs.attempt_job(db_url, job_id, worker="w1")))
+        attempts: list[runner.Attempt] = []
+        thread = threading.Thread(target=lambda: attempts.append(runner.attempt_job(db_url, job_id, worker="w1")))
         thread.start()
         started.wait(10)
-        assert jobs.release_jobs(db_url, enqueue=enqueued.append) == [job_id]
+        assert leases.release_jobs(db_url, enqueue=enqueued.append) == [job_id]
         thread.join(10)
         job = read_job(db_url, job_id)
-        assert attempts[0].outcome == jobs.RELEASED and enqueued == [job_id]
+        assert attempts[0].outcome == runner.RELEASED and enqueued == [job_id]
         assert (job.status, job.attempts, job.lease_until, job.counts) == ("queued", 0, None, {})
         # The next worker claims it as usual.
         go.set()
-        assert jobs.run_job(db_url, job_id, worker="w2").status == "done"
+        assert runner.run_job(db_url, job_id, worker="w2").status == "done"
     finally:
         go.set()
-        jobs.unregister_handler("test-block")
+        records.unregister_handler("test-block")
 
 
 def test_a_run_that_lost_its_lease_cannot_overwrite_the_next_one(db_url: str) -> None:
@@ -219,12 +219,12 @@ def test_a_run_that_lost_its_lease_cannot_overwrite_the_next_one(db_url: str) ->
             return {"read": -1}
         return {"read": 1}
 
-    jobs.register_handler("test-stall", handler)
+    records.register_handler("test-stall", handler)
     try:
         job_id = make_job(db_url, "test-stall")
-        first: list[jobs.Attempt] = []
+        first: list[runner.Attempt] = []
         thread = threading.Thread(
-            target=lambda: first.append(jobs.attempt_job(db_url, job_id, worker="w1", lease_seconds=600))
+            target=lambda: first.append(runner.attempt_job(db_url, job_id, worker="w1", lease_seconds=600))
         )
         thread.start()
         started.wait(10)
@@ -232,13 +232,13 @@ def test_a_run_that_lost_its_lease_cannot_overwrite_the_next_one(db_url: str) ->
             job = session.get(Job, job_id)
             assert job is not None
             job.lease_until = utcnow() - timedelta(seconds=1)
-        second = jobs.attempt_job(db_url, job_id, worker="w2")
+        second = runner.attempt_job(db_url, job_id, worker="w2")
         go.set()
         thread.join(10)
     finally:
         go.set()
-        jobs.unregister_handler("test-stall")
-    assert second.outcome == jobs.DONE and first[0].outcome == jobs.LOST
+        records.unregister_handler("test-stall")
+    assert second.outcome == runner.DONE and first[0].outcome == runner.LOST
     job = read_job(db_url, job_id)
     assert (job.status, job.worker, job.attempts, job.counts) == ("done", "w2", 2, {"read": 1})
 
@@ -250,9 +250,9 @@ def test_recover_stale_jobs(db_url: str) -> None:
     worn = make_job(db_url, status="running", attempts=4, worker="dead:1", lease_until=past)
     enqueued: list[int] = []
 
-    recovery = jobs.recover_stale_jobs(db_url, enqueue=enqueued.append, max_attempts=4)
+    recovery = records.recover_stale_jobs(db_url, enqueue=enqueued.append, max_attempts=4)
 
     assert (recovery.requeued, recovery.failed, enqueued) == ([stale], [worn], [stale])
     assert read_job(db_url, stale).status == "queued" and read_job(db_url, live).status == "running"
     assert read_job(db_url, worn).status == "failed"
-    assert jobs.recover_stale_jobs(db_url, enqueue=enqueued.append).requeued == []
+    assert records.recover_stale_jobs(db_url, enqueue=enqueued.append).requeued == []

@@ -11,20 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from campaign_manager import db, queue
+from campaign_manager import db
+from campaign_manager.audience import groups
 from campaign_manager.config import load_settings
 from campaign_manager.errors import Conflict, QueueError
+from campaign_manager.jobs import drain, queue, records, runner, tasks
 from campaign_manager.models import Job, utcnow
-from campaign_manager.services import groups, jobs
 from conftest import assert_error, make_cm
 from queue_helpers import QueueSetup, queue_setup
 
 
-def drain_until_settled(qs: QueueSetup, job_id: int, *, drains: int = 200) -> list[queue.DrainReport]:
+def drain_until_settled(qs: QueueSetup, job_id: int, *, drains: int = 200) -> list[drain.DrainReport]:
     """Drain until the job is done or failed (retries come due between drains)."""
     reports = []
     for _ in range(drains):
-        reports.append(queue.drain(qs.settings()))
+        reports.append(drain.drain(qs.settings()))
         if qs.job(job_id).status in ("done", "failed"):
             return reports
         time.sleep(0.01)
@@ -36,14 +37,14 @@ def test_queue_drain_done(qs: QueueSetup) -> None:
     assert qs.job(job_id).status == "queued"
     assert qs.huey().pending_count() == 1
 
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
 
     assert report.ok and report.outcomes == {job_id: "done"}
     job = qs.job(job_id)
     assert (job.status, job.counts, job.attempts, job.error) == ("done", {"read": 7, "created": 1}, 1, None)
-    assert job.finished_at is not None and job.worker == jobs.worker_name()
+    assert job.finished_at is not None and job.worker == runner.worker_name()
     assert qs.huey().pending_count() == 0 and qs.runs(job_id) == 1
-    assert queue.drain(qs.settings()).outcomes == {}
+    assert drain.drain(qs.settings()).outcomes == {}
 
 
 def fast_forward(qs: QueueSetup) -> None:
@@ -58,7 +59,7 @@ def test_failing_job_is_retried_with_backoff_then_failed(qs: QueueSetup) -> None
     qs.options.update({"worker.retry_delay": 600.0, "worker.retry_backoff": 3.0})
     job_id = qs.queue("test-fail", reason="the SMTP server said no")
 
-    first = queue.drain(qs.settings())
+    first = drain.drain(qs.settings())
 
     assert first.outcomes == {job_id: "retry"} and not first.ok
     assert [waiting for waiting, _eta in first.waiting] == [job_id]
@@ -67,16 +68,16 @@ def test_failing_job_is_retried_with_backoff_then_failed(qs: QueueSetup) -> None
     [retry] = qs.huey().scheduled()
     # This retry waits retry_delay; the one after it will wait retry_backoff times longer.
     assert (retry.args, retry.retries, retry.retry_delay) == ((job_id,), 1, pytest.approx(1800.0))
-    assert queue.drain(qs.settings()).outcomes == {}  # not due yet: left alone
+    assert drain.drain(qs.settings()).outcomes == {}  # not due yet: left alone
 
     fast_forward(qs)
-    second = queue.drain(qs.settings())
+    second = drain.drain(qs.settings())
     assert second.outcomes == {job_id: "retry"} and qs.job(job_id).attempts == 2
     [retry] = qs.huey().scheduled()
     assert (retry.retries, retry.retry_delay) == (0, pytest.approx(5400.0))
 
     fast_forward(qs)
-    last = queue.drain(qs.settings())
+    last = drain.drain(qs.settings())
     job = qs.job(job_id)
     assert job.status == "failed" and job.attempts == 3 and qs.runs(job_id) == 3
     assert job.error == "RuntimeError: the SMTP server said no (after 3 attempts)"
@@ -95,7 +96,7 @@ def test_transient_failure_then_success(qs: QueueSetup) -> None:
 
 def test_cm_error_fails_at_once(qs: QueueSetup) -> None:
     job_id = qs.queue("test-refuse", reason="no email column in people.csv")
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
     job = qs.job(job_id)
     assert (job.status, job.attempts, job.error) == ("failed", 1, "no email column in people.csv")
     assert report.outcomes == {job_id: "failed"} and qs.runs(job_id) == 1
@@ -105,14 +106,14 @@ def test_cm_error_fails_at_once(qs: QueueSetup) -> None:
 def test_cancel_queued_job(qs: QueueSetup) -> None:
     job_id = qs.queue("test-ok")
     with db.open_session(qs.db_url) as session:
-        assert jobs.cancel_job(session, job_id).status == "cancelled"
+        assert records.cancel_job(session, job_id).status == "cancelled"
 
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
 
     assert report.outcomes == {job_id: "skipped"} and report.ok
     assert qs.job(job_id).status == "cancelled" and qs.runs(job_id) == 0
     with db.open_session(qs.db_url) as session, pytest.raises(Conflict, match="is cancelled"):
-        jobs.cancel_job(session, job_id)
+        records.cancel_job(session, job_id)
 
 
 @pytest.mark.parametrize("status", ["running", "done", "failed"])
@@ -123,16 +124,16 @@ def test_cannot_cancel_a_started_job(qs_sqlite: QueueSetup, status: str) -> None
         assert job is not None
         job.status = status
     with db.open_session(qs_sqlite.db_url) as session, pytest.raises(Conflict, match=f"job {job_id} is {status}"):
-        jobs.cancel_job(session, job_id)
+        records.cancel_job(session, job_id)
     assert qs_sqlite.job(job_id).status == status
 
 
 def test_overlapping_drains_in_threads_never_run_a_job_twice(qs: QueueSetup) -> None:
     ids = [qs.queue("test-ok", sleep=0.005) for _ in range(24)]
-    reports: list[queue.DrainReport] = []
+    reports: list[drain.DrainReport] = []
 
     def run() -> None:
-        reports.append(queue.drain(qs.settings(), workers=2))
+        reports.append(drain.drain(qs.settings(), workers=2))
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for thread in threads:
@@ -161,7 +162,7 @@ def test_job_of_a_dead_worker_is_run_again_and_converges(qs: QueueSetup) -> None
     job_id = qs.queue("test-ok", n=3)
     _die_while_running(qs, job_id)
 
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
 
     assert report.recovered.requeued == [job_id] and report.outcomes == {job_id: "done"}
     job = qs.job(job_id)
@@ -169,7 +170,7 @@ def test_job_of_a_dead_worker_is_run_again_and_converges(qs: QueueSetup) -> None
     assert qs.runs(job_id) == 1
     # A late duplicate message changes nothing: the claim refuses a done job.
     queue.enqueue_job(qs.settings(), job_id)
-    assert queue.drain(qs.settings()).outcomes == {job_id: "skipped"}
+    assert drain.drain(qs.settings()).outcomes == {job_id: "skipped"}
     assert qs.runs(job_id) == 1
     with db.open_session(qs.db_url, write=False) as session:
         assert [g.name for g in groups.list_groups(session)] == [f"job-{job_id}"]
@@ -178,16 +179,16 @@ def test_job_of_a_dead_worker_is_run_again_and_converges(qs: QueueSetup) -> None
 def test_job_that_keeps_killing_its_worker_is_given_up(qs: QueueSetup) -> None:
     job_id = qs.queue("test-ok")
     _die_while_running(qs, job_id, attempts=3)  # retries=2: three claims is the limit
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
     job = qs.job(job_id)
     assert report.recovered.failed == [job_id] and job.status == "failed"
     assert job.error is not None and "gone-host:4242" in job.error and qs.runs(job_id) == 0
 
 
 def test_unknown_job_id_on_the_queue_is_dropped(qs: QueueSetup, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(queue, "NOT_YET_SAVED_S", 0.5)  # how long a message waits for its job's commit
+    monkeypatch.setattr(tasks, "NOT_YET_SAVED_S", 0.5)  # how long a message waits for its job's commit
     queue.enqueue_job(qs.settings(), 999)
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
     assert report.outcomes == {999: "skipped"} and qs.huey().pending_count() == 0
 
 
@@ -237,7 +238,7 @@ def test_a_job_the_queue_cannot_take_is_not_left_behind(
     the job back, so the command's failure (exit 8) leaves nothing for a later drain to run."""
     settings = load_settings(None, {"database.url": qs_sqlite.db_url, "queue.url": "redis://127.0.0.1:1/0"})
     with pytest.raises(QueueError, match="cannot put job 1 on the queue"):
-        queue.submit_job(settings, lambda session: jobs.create_job(session, "test-ok", {"log": "x"}))
+        queue.submit_job(settings, lambda session: records.create_job(session, "test-ok", {"log": "x"}))
     cm = make_cm(qs_sqlite.db_url)
     cm("group create news")
     monkeypatch.setenv("CM_QUEUE_URL", "redis://127.0.0.1:1/0")
@@ -253,11 +254,11 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(qs: QueueSetup, monke
     qs.options.update({"worker.retry_delay": 600.0})
     job_id = qs.queue("test-ok", enqueue=False)
     retried = qs.queue("test-fail", reason="later")
-    queue.drain(qs.settings())  # `retried` now waits in the schedule
+    drain.drain(qs.settings())  # `retried` now waits in the schedule
     assert qs.job(job_id).status == "queued" and qs.job(retried).status == "queued"
-    monkeypatch.setattr(queue, "ORPHAN_AFTER_S", 0.0)
+    monkeypatch.setattr(drain, "ORPHAN_AFTER_S", 0.0)
 
-    report = queue.drain(qs.settings())
+    report = drain.drain(qs.settings())
 
     assert report.recovered.orphaned == [job_id] and report.outcomes == {job_id: "done"}
     assert qs.job(job_id).status == "done" and qs.runs(job_id) == 1

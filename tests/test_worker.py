@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from campaign_manager import queue
+from campaign_manager.jobs import drain
 from conftest import Run, make_cm
 from queue_helpers import QueueSetup, cm_process, wait_for
 
@@ -39,7 +39,7 @@ def test_signal_stops_worker_cleanly(qs: QueueSetup, sig: int, grace: str, secon
         # Released: back on the queue, its attempt not counted, and the next worker finishes it.
         assert f"job {job_id} released" in err and job.attempts == 0 and job.lease_until is None
         qs.update_args(job_id, sleep=0, steps=1)
-        report = queue.drain(qs.settings())
+        report = drain.drain(qs.settings())
         assert report.outcomes == {job_id: "done"} and qs.job(job_id).status == "done"
         assert qs.runs(job_id) == 2
     else:
@@ -67,7 +67,7 @@ def test_killed_worker_job_is_picked_up_by_the_next_drain(qs_sqlite: QueueSetup)
     qs.update_args(job_id, sleep=0, steps=1)
 
     def drained() -> bool:
-        queue.drain(qs.settings())
+        drain.drain(qs.settings())
         return qs.job(job_id).status == "done"
 
     wait_for(drained, what="a drain to take over the job once its lease ran out")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from campaign_manager.config import mask
 from campaign_manager.errors import Conflict, DatabaseError, InvalidInput
 from campaign_manager.files import create_private, create_private_dir
 
@@ -75,8 +76,6 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def display_url(url: str) -> str:
-    from campaign_manager.config import mask
-
     return str(mask("database.url", url))
 
 

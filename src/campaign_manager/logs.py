@@ -37,3 +37,15 @@ class _JsonFormatter(logging.Formatter):
         }
         entry.update(getattr(record, "fields", {}))
         return json.dumps(entry, default=str)
+
+
+def configure_logging(*, verbose: bool, quiet: bool) -> None:
+    """Job start/end lines at INFO unless --quiet; Huey's own warnings through the same handler as ours."""
+    ours = logging.getLogger("campaign_manager")
+    logging.getLogger("campaign_manager.worker").setLevel(
+        logging.NOTSET if quiet or ours.getEffectiveLevel() <= logging.INFO else logging.INFO
+    )
+    theirs = logging.getLogger("huey")
+    theirs.handlers[:] = ours.handlers
+    theirs.propagate = False
+    theirs.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)

@@ -53,7 +53,7 @@ def progress_bar(ctx: typer.Context, description: str) -> Iterator[Callable[[int
 
 def queue_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> Job:
     """Stage the job (and whatever else the command creates) and queue it, all or nothing."""
-    from campaign_manager.queue import submit_job
+    from campaign_manager.jobs.queue import submit_job
 
     job = submit_job(state(ctx).settings, stage)
     info(ctx, f"queued import job {job.id}; `cm worker --drain` runs it, `cm jobs show {job.id}` tells how it went")
@@ -64,17 +64,17 @@ def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str
     """Stage the job and run it here with a progress bar; its description once it ended. Ctrl-C or SIGTERM stops
     it at once: the job is cancelled with what it committed, one line says so, and the command exits 130 or 143.
     A job that failed raises JobFailed after its summary."""
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records, runner
 
     st = state(ctx)
     with st.session() as session:
         job_id = int(stage(session).id or 0)
-    options = {key: st.settings.get(key) for key in jobs.OPTION_KEYS}
+    options = {key: st.settings.get(key) for key in runner.OPTION_KEYS}
     with progress_bar(ctx, f"importing (job {job_id})") as update:
-        attempt, signum = jobs.run_in_foreground(
+        attempt, signum = runner.run_in_foreground(
             st.settings.database_url, job_id, worker="cm --wait", progress=update, options=options
         )
-    data = jobs.describe_job(attempt.job)
+    data = records.describe_job(attempt.job)
     if signum and data["status"] == "cancelled":
         added = data["counts"].get("added", 0)
         what = f"the {added:,} recipients it added are kept" if data["counts"] else "nothing was applied"

@@ -63,7 +63,7 @@ def create(
 
     Example: cm campaign create --title "May news" --subject "What's new in May" --text-file may.txt --group newsletter
     """
-    from campaign_manager.services import campaigns
+    from campaign_manager.sending import campaigns
 
     if (text is None) == (text_file is None):
         raise InvalidInput("give exactly one of --text and --text-file")
@@ -88,7 +88,7 @@ def create(
         emit(data, as_json=as_json, render=print_record)
         return
 
-    from campaign_manager.services.imports import stage_import
+    from campaign_manager.imports.service import stage_import
 
     made: list[int] = []
 
@@ -126,7 +126,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
     Example: cm campaign list --json
     """
-    from campaign_manager.services import campaigns
+    from campaign_manager.sending import campaigns
 
     with state(ctx).session(write=False) as session:
         emit_items(campaigns.iter_campaigns(session), as_json=as_json, columns=COLUMNS)
@@ -142,7 +142,7 @@ def show(
 
     Example: cm campaign show 1
     """
-    from campaign_manager.services import campaigns
+    from campaign_manager.sending import campaigns
 
     with state(ctx).session(write=False) as session:
         data = campaigns.describe_campaigns(session, [campaigns.get_campaign(session, ref)], full=True)[0]

@@ -29,7 +29,7 @@ def create(
 
     Example: cm group create newsletter --description "Monthly news"
     """
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     with state(ctx).session() as session:
         data = groups.describe_groups(session, [groups.create_group(session, name, description=description)])[0]
@@ -42,7 +42,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
     Example: cm group list --json
     """
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     with state(ctx).session(write=False) as session:
         rows = groups.describe_groups(session, groups.list_groups(session))
@@ -55,7 +55,7 @@ def show(ctx: typer.Context, ref: Ref, as_json: JsonOption = False) -> None:
 
     Example: cm group show newsletter
     """
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     with state(ctx).session(write=False) as session:
         data = groups.describe_groups(session, [groups.get_group(session, ref)])[0]
@@ -74,7 +74,7 @@ def update(
 
     Example: cm group update newsletter --name news --description "Weekly news"
     """
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     with state(ctx).session() as session:
         group = groups.update_group(session, ref, name=name, description=description)
@@ -88,7 +88,7 @@ def delete(ctx: typer.Context, ref: Ref, as_json: JsonOption = False) -> None:
 
     Example: cm group delete trial
     """
-    from campaign_manager.services import groups
+    from campaign_manager.audience import groups
 
     with state(ctx).session() as session:
         data = groups.delete_group(session, ref)
@@ -131,13 +131,13 @@ def add_recipients(
 
     Example: cm group add-recipients newsletter --csv people.csv && cm worker --drain
     """
+    from campaign_manager.audience import members
     from campaign_manager.errors import InvalidInput
-    from campaign_manager.services import groups
 
     if csv is not None:
         if email:
             raise InvalidInput("give --email or --csv, not both")
-        from campaign_manager.services.imports import stage_import
+        from campaign_manager.imports.service import stage_import
 
         run_import(
             ctx,
@@ -157,9 +157,9 @@ def add_recipients(
     if not email:
         raise InvalidInput("give at least one --email, or --csv FILE")
     with state(ctx).session() as session:
-        results = groups.add_recipients(session, ref, email)
+        results = members.add_recipients(session, ref, email)
     _report(ctx, results, as_json, ("input", "email", "outcome", "reason"))
-    invalid = sum(1 for item in results if item["outcome"] == groups.INVALID)
+    invalid = sum(1 for item in results if item["outcome"] == members.INVALID)
     if invalid:
         # The valid addresses are in (committed above); the exit code still tells a script that some were not.
         raise InvalidInput(f"{invalid} of {len(results)} addresses were invalid; the others were applied")
@@ -171,13 +171,13 @@ def remove_recipients(ctx: typer.Context, ref: Ref, email: Emails = None, as_jso
 
     Example: cm group remove-recipients newsletter --email bob@example.com
     """
+    from campaign_manager.audience import members
     from campaign_manager.errors import InvalidInput
-    from campaign_manager.services import groups
 
     if not email:
         raise InvalidInput("give at least one --email")
     with state(ctx).session() as session:
-        results = groups.remove_recipients(session, ref, email)
+        results = members.remove_recipients(session, ref, email)
     _report(ctx, results, as_json, ("input", "outcome"))
 
 
@@ -192,9 +192,9 @@ def recipients(
 
     Example: cm group recipients newsletter --active
     """
+    from campaign_manager.audience import listing
     from campaign_manager.cli.recipient import show_recipients
-    from campaign_manager.services import groups
 
     with state(ctx).session(write=False) as session:
-        selection = groups.group_recipients(session, ref, active_only=active)
+        selection = listing.group_recipients(session, ref, active_only=active)
         show_recipients(ctx, session, selection, as_json=as_json)

@@ -46,10 +46,10 @@ def list_(
 
     Example: cm jobs list --status failed
     """
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records
 
     with state(ctx).session(write=False) as session:
-        rows = [jobs.describe_job(job) for job in jobs.list_jobs(session, status=status, limit=limit)]
+        rows = [records.describe_job(job) for job in records.list_jobs(session, status=status, limit=limit)]
     table = [{**row, "summary": _summary(row)} for row in rows]
     emit(rows, as_json=as_json, render=lambda _: print_table(table, COLUMNS))
 
@@ -72,7 +72,8 @@ def show(
     Example: cm jobs show 12 --rejects-file fix-me.csv
     """
     from campaign_manager.files import open_private_text
-    from campaign_manager.services import imports, jobs
+    from campaign_manager.imports import service as imports
+    from campaign_manager.jobs import records
 
     with state(ctx).session(write=False) as session:
         if rejects_file is not None:
@@ -89,7 +90,7 @@ def show(
             imports.write_rejects(session, job_id, sys.stdout)
         if rejects or rejects_file is not None:
             return
-        data = jobs.describe_job(jobs.get_job(session, job_id))
+        data = records.describe_job(records.get_job(session, job_id))
     emit(data, as_json=as_json, render=render_job)
 
 
@@ -104,19 +105,19 @@ def retry(
 
     Example: cm jobs retry 12 --wait
     """
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records
 
     if wait:
         from campaign_manager.cli._imports import wait_import
 
-        emit(wait_import(ctx, lambda session: jobs.retry_job(session, job_id)), as_json=as_json, render=render_job)
+        emit(wait_import(ctx, lambda session: records.retry_job(session, job_id)), as_json=as_json, render=render_job)
         return
-    from campaign_manager.queue import submit_job
+    from campaign_manager.jobs.queue import submit_job
 
-    job = submit_job(state(ctx).settings, lambda session: jobs.retry_job(session, job_id))
+    job = submit_job(state(ctx).settings, lambda session: records.retry_job(session, job_id))
     info(ctx, f"queued job {job_id} again; `cm worker --drain` runs it")
     if as_json:
-        emit(jobs.describe_job(job), as_json=True, render=render_job)
+        emit(records.describe_job(job), as_json=True, render=render_job)
 
 
 @app.command("purge")
@@ -135,7 +136,7 @@ def purge(
 
     Example: cm jobs purge --older-than 0
     """
-    from campaign_manager.services import retention
+    from campaign_manager.jobs import retention
 
     st = state(ctx)
     days = float(st.settings.get("jobs.keep_files_days")) if older_than is None else older_than
@@ -152,10 +153,10 @@ def cancel(ctx: typer.Context, job_id: JobId, as_json: JsonOption = False) -> No
 
     Example: cm jobs cancel 12
     """
-    from campaign_manager.services import jobs
+    from campaign_manager.jobs import records
 
     with state(ctx).session() as session:
-        data = jobs.describe_job(jobs.cancel_job(session, job_id))
+        data = records.describe_job(records.cancel_job(session, job_id))
     info(ctx, f"cancelled job {job_id}")
     if as_json:
         emit(data, as_json=True, render=render_job)

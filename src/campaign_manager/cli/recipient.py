@@ -11,7 +11,7 @@ from campaign_manager.cli._common import JsonOption, emit, info, parse_attrs, pr
 if TYPE_CHECKING:
     from sqlmodel import Session
 
-    from campaign_manager.services.recipients import Selection
+    from campaign_manager.audience.listing import Selection
 
 app = typer.Typer(
     name="recipient",
@@ -40,7 +40,7 @@ def create(
 
     Example: cm recipient create ada@example.com --name "Ada Lovelace" --attr city=London --group newsletter
     """
-    from campaign_manager.services import recipients
+    from campaign_manager.audience import recipients
 
     attributes = parse_attrs(attr)
     with state(ctx).session() as session:
@@ -61,10 +61,10 @@ def _list(
     offset: int,
     as_json: bool,
 ) -> None:
-    from campaign_manager.services import recipients
+    from campaign_manager.audience import listing
 
     with state(ctx).session(write=False) as session:
-        selection = recipients.select_recipients(
+        selection = listing.select_recipients(
             session, status=status, group=group, search=search, limit=limit, offset=offset
         )
         show_recipients(ctx, session, selection, as_json=as_json)
@@ -76,20 +76,20 @@ def show_recipients(ctx: typer.Context, session: Session, selection: Selection, 
     from dataclasses import replace
     from itertools import islice
 
+    from campaign_manager.audience import listing
     from campaign_manager.cli._common import print_json_items, print_table, stdout_is_terminal
-    from campaign_manager.services import recipients
 
     if as_json:
-        print_json_items(recipients.iter_recipients(session, selection))
+        print_json_items(listing.iter_recipients(session, selection))
         return
     if selection.limit is not None or not stdout_is_terminal():
-        print_table(recipients.iter_recipients(session, selection), COLUMNS)
+        print_table(listing.iter_recipients(session, selection), COLUMNS)
         return
     # One row more than is shown: whether there is a rest to mention.
-    rows = recipients.iter_recipients(session, replace(selection, limit=TERMINAL_ROWS + 1))
+    rows = listing.iter_recipients(session, replace(selection, limit=TERMINAL_ROWS + 1))
     shown = print_table(islice(rows, TERMINAL_ROWS), COLUMNS)
     if next(rows, None) is not None:
-        total = recipients.count_recipients(session, selection) - selection.offset
+        total = listing.count_recipients(session, selection) - selection.offset
         start = f" from --offset {selection.offset:,}" if selection.offset else ""
         info(
             ctx,
@@ -142,7 +142,7 @@ def show(ctx: typer.Context, ref: Ref, as_json: JsonOption = False) -> None:
 
     Example: cm recipient show ada@example.com
     """
-    from campaign_manager.services import recipients
+    from campaign_manager.audience import recipients
 
     with state(ctx).session(write=False) as session:
         data = recipients.describe_many(session, [recipients.get_recipient(session, ref)])[0]
@@ -166,7 +166,7 @@ def update(
 
     Example: cm recipient update ada@example.com --attr plan=pro --add-group vip --remove-group trial
     """
-    from campaign_manager.services import recipients
+    from campaign_manager.audience import recipients
 
     attributes = parse_attrs(attr)
     with state(ctx).session() as session:
@@ -194,7 +194,7 @@ def opt_out(
 
     Example: cm recipient opt-out bob@example.com --reason "asked by phone"
     """
-    from campaign_manager.services import consent, recipients
+    from campaign_manager.audience import consent, recipients
 
     with state(ctx).session() as session:
         person, changed = consent.opt_out(session, email, reason=reason, source="cm recipient opt-out")
@@ -215,7 +215,7 @@ def opt_in(
 
     Example: cm recipient opt-in bob@example.com --reason "re-subscribed on the website"
     """
-    from campaign_manager.services import recipients
+    from campaign_manager.audience import recipients
 
     with state(ctx).session() as session:
         person, changed = recipients.opt_in_address(session, ref, reason=reason, source="cm recipient opt-in")
@@ -230,8 +230,8 @@ def export(ctx: typer.Context, ref: Ref) -> None:
 
     Example: cm recipient export ada@example.com > ada.json
     """
+    from campaign_manager.audience import recipients
     from campaign_manager.cli._common import print_json
-    from campaign_manager.services import recipients
 
     with state(ctx).session(write=False) as session:
         data = recipients.export_recipient(session, ref)
@@ -247,7 +247,7 @@ def forget(ctx: typer.Context, ref: Ref, as_json: JsonOption = False) -> None:
 
     Example: cm recipient forget bob@example.com
     """
-    from campaign_manager.services import recipients
+    from campaign_manager.audience import recipients
 
     with state(ctx).session() as session:
         data = recipients.forget_recipient(session, ref, source="cm recipient forget")

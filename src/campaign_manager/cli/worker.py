@@ -9,7 +9,7 @@ import typer
 from campaign_manager.cli._common import info, state
 
 if TYPE_CHECKING:
-    from campaign_manager.queue import DrainReport
+    from campaign_manager.jobs.drain import DrainReport
 
 app = typer.Typer(name="worker")
 
@@ -44,16 +44,18 @@ def worker(
 
     Example: cm -q worker --drain
     """
-    from campaign_manager import consumer, queue
+    from campaign_manager.jobs import consumer, tasks
+    from campaign_manager.jobs import drain as draining
+    from campaign_manager.logs import configure_logging
 
     st = state(ctx)
     settings = st.settings
-    queue.configure_logging(verbose=st.verbose, quiet=st.quiet)
+    configure_logging(verbose=st.verbose, quiet=st.quiet)
     threads = workers or int(settings.get("worker.workers"))
     if not drain:
         consumer.run_worker(settings, workers=threads, grace=grace)
         return
-    report = queue.drain(settings, workers=threads, grace=grace)
+    report = draining.drain(settings, workers=threads, grace=grace)
     for line in summarize(report):
         info(ctx, line)
     if report.database_error is not None:
@@ -63,13 +65,13 @@ def worker(
     if not report.ok:
         from campaign_manager.errors import JobFailed
 
-        bad = report.ids("failed", "retry", queue.ERROR)
+        bad = report.ids("failed", "retry", tasks.ERROR)
         raise JobFailed(f"{len(bad)} job(s) did not succeed: {', '.join(map(str, bad))}", hint="see `cm jobs show ID`")
 
 
 def summarize(report: DrainReport) -> list[str]:
     """The drain's summary, for a person (stderr)."""
-    from campaign_manager.queue import ERROR
+    from campaign_manager.jobs.tasks import ERROR
 
     counts = {
         label: report.ids(*outcomes)

@@ -18,23 +18,19 @@ from huey.consumer import Consumer, Scheduler, Worker
 
 from campaign_manager import db
 from campaign_manager.errors import CmError
-from campaign_manager.queue import (
+from campaign_manager.jobs import runner
+from campaign_manager.jobs.drain import purge_old_files, recover_jobs, release_jobs, stop_signals
+from campaign_manager.jobs.health import Outage, first_line
+from campaign_manager.jobs.queue import (
     POLL_MAX_DELAY_S,
     JobQueue,
-    Outage,
     QueueUnreachable,
     close_huey,
-    first_line,
     get_huey,
     log,
     probe,
-    purge_old_files,
     queue_errors,
-    recover_jobs,
-    release_jobs,
-    stop_signals,
 )
-from campaign_manager.services import jobs
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
@@ -117,7 +113,7 @@ def run_worker(settings: Settings, *, workers: int, grace: float) -> list[int]:
         huey.health.stop = consumer.stop_flag  # a fatal error anywhere stops the consumer
         watch = threading.Thread(target=_keep_watch, args=(settings, huey), name="watch", daemon=True)
         watch.start()
-        name = jobs.worker_name()
+        name = runner.worker_name()
         log.info("worker %s started: %d thread(s) on %s, queue %r", name, workers, huey.display_url, huey.name)
         consumer.run()
         if huey.health.fatal is not None:
@@ -125,7 +121,7 @@ def run_worker(settings: Settings, *, workers: int, grace: float) -> list[int]:
         return release_jobs(settings, huey)
     finally:
         close_huey(huey)
-        log.info("worker %s stopped", jobs.worker_name())
+        log.info("worker %s stopped", runner.worker_name())
 
 
 def _open_queue(settings: Settings) -> JobQueue | None:

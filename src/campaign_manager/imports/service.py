@@ -1,13 +1,14 @@
 """CSV imports into a group or a campaign's audience: staged when queued, run set-based when the job runs.
 
-Staging (in the `cm` process that queues the job) refuses a file that cannot be imported at all and copies the
-whole file into `job_file` chunks, so the worker never needs the original. Running (in a worker, or in-process
-with `--wait`) streams those chunks through the CSV reader and validates each address (`import_parse`: in a
-helper process on another core for a large file; fast path in `emails`); `import_sql` stages the good rows
-(multi-row inserts on SQLite, COPY on PostgreSQL) and applies them with a handful of set-based statements per
-segment, each segment one transaction that also records the job's progress: a job run again after a crash (or an
-interruption, or `cm jobs retry`) goes on after its last committed segment, or finds itself finished and returns
-its counts. The rejected rows are read back (and written out, neutralised for spreadsheets) from here too.
+Staging (in the `cm` process that queues the job) refuses a file that cannot be imported at all and copies the whole
+file into `job_file` chunks, so the worker never needs the original. Running (in a worker, or in-process with
+`--wait`) streams those chunks through the CSV reader and validates each address (`parse`: in a helper process on
+another core for a large file; fast path in `audience.addresses`); the appliers (`apply`, `sqlite`, `postgres`)
+stage the good rows (multi-row inserts on SQLite, COPY on PostgreSQL) and apply them with a handful of set-based
+statements per segment, each segment one transaction that also records the job's progress: a job run again after a
+crash (or an interruption, or `cm jobs retry`) goes on after its last committed segment, or finds itself finished
+and returns its counts. The rejected rows are read back (and written out, neutralised for spreadsheets) from here
+too.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ import os
 import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from campaign_manager.audience import consent
+from campaign_manager.audience.groups import get_group
+from campaign_manager.db import get_engine, is_sqlite
 from campaign_manager.errors import InvalidInput, NotFound
 from campaign_manager.files import open_input
+from campaign_manager.imports.apply import Backend, Claim
+from campaign_manager.imports.csvfile import CUT_NOTE, SAMPLE_BYTES, CsvLayout, inspect_csv, neutralise, split_row
+from campaign_manager.imports.parse import BATCH_ROWS, CHUNK_BYTES, Batch, ParseProcess, parse
+from campaign_manager.imports.postgres import PostgresBackend
+from campaign_manager.imports.sqlite import SqliteBackend
+from campaign_manager.jobs import runner
+from campaign_manager.jobs.records import create_job, get_job
 from campaign_manager.models import ImportReject, Job, JobFile, utcnow
-from campaign_manager.services import consent, jobs
-from campaign_manager.services.csvfile import CUT_NOTE, SAMPLE_BYTES, CsvLayout, inspect_csv, neutralise, split_row
-from campaign_manager.services.import_parse import BATCH_ROWS, CHUNK_BYTES, Batch, ParseProcess, parse
-
-if TYPE_CHECKING:
-    from campaign_manager.services.import_sql import Backend
 
 KIND = "import"
 # From this size (about 130,000 rows of a typical file) an import parses in a helper process.
@@ -63,14 +68,10 @@ def stage_import(
 ) -> Job:
     """Check the file and stage a copy of it with a queued import job; raises InvalidInput before anything is
     written if the file cannot be imported at all. The caller commits, then enqueues the job."""
-    from campaign_manager.services.jobs import create_job
-
     if (group is None) == (campaign_id is None):
         raise ValueError("an import targets exactly one group or campaign")
     target: dict[str, Any]
     if group is not None:
-        from campaign_manager.services.groups import get_group
-
         grp = get_group(session, group)
         target = {"type": "group", "id": grp.id, "name": grp.name}
     else:
@@ -134,8 +135,6 @@ def _copy_chunks(session: Session, job: Job, head: bytes, stream: IO[bytes], enc
 
 def _iter_chunks(url: str, job_id: int, size: int) -> Generator[bytes]:
     """One chunk at a time, each by its own query, so memory stays flat however large the file."""
-    from campaign_manager.db import get_engine
-
     with Session(get_engine(url, write=False)) as session:
         seq = 0
         while True:
@@ -151,9 +150,6 @@ def _iter_chunks(url: str, job_id: int, size: int) -> Generator[bytes]:
 
 def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> dict[str, Any]:
     """The job handler: run an import job, or resume it after its last committed segment. Returns its counts."""
-    from campaign_manager.db import get_engine, is_sqlite
-    from campaign_manager.services.import_sql import Claim, PostgresBackend, SqliteBackend
-
     engine = get_engine(url)
     with Session(engine, expire_on_commit=False) as session:
         job = session.get(Job, job_id)
@@ -167,12 +163,12 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
     layout = CsvLayout.from_args(args["layout"])
     size = int(args.get("size", 0))
     kind = SqliteBackend if is_sqlite(url) else PostgresBackend
-    claim = jobs.current_claim()
+    claim = runner.current_claim()
     backend: Backend = kind(
         engine,
         job_id,
         args,
-        segment_rows=int(jobs.current_option("import.segment_rows", 0) or 0),
+        segment_rows=int(runner.current_option("import.segment_rows", 0) or 0),
         claim=None if claim is None else Claim(*claim),
         forgotten=forgotten,
         forgotten_at=forgotten_at,
@@ -231,8 +227,6 @@ def iter_rejects(session: Session, job_id: int) -> Iterator[ImportReject]:
 
 
 def _import_job(session: Session, job_id: int) -> Job:
-    from campaign_manager.services.jobs import get_job
-
     job = get_job(session, job_id)
     if job.kind != KIND:
         raise InvalidInput(f"job {job_id} is a {job.kind} job; only imports have rejected rows")

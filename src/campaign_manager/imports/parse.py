@@ -1,7 +1,7 @@
 """Reading, parsing and validating an import's rows: in the job's own process, or in a helper process beside it.
 
 `parse` turns the staged file's chunks into batches of rows ready to stage. A large file is parsed by
-`ParseProcess` in a second process (`python -m campaign_manager.services.import_parse`), on the other core,
+`ParseProcess` in a second process (`python -m campaign_manager.imports.parse`), on the other core,
 while the job's process stages what it has received; on SQLite it also validates a share of the batches
 itself. 1,000,000 rows, measured before imports applied in segments: SQLite 7.8 s against 9.2-10.1 s in one
 process; PostgreSQL 23.2 s against 26.1 s. The two talk through the
@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from typing import IO, Any, NamedTuple
 
 from campaign_manager import limits
+from campaign_manager.audience.addresses import PLAIN_ADDRESS, check_email, email_hash
 from campaign_manager.errors import InvalidInput
-from campaign_manager.services.csvfile import (
+from campaign_manager.imports.csvfile import (
     CsvLayout,
     RecordBatch,
     format_row,
@@ -34,7 +35,6 @@ from campaign_manager.services.csvfile import (
     read_records,
     unquote_cells,
 )
-from campaign_manager.services.emails import PLAIN_ADDRESS, check_email, email_hash
 
 CHUNK_BYTES = 1 << 20
 BATCH_ROWS = 5_000
@@ -315,6 +315,6 @@ class ParseProcess:
 
 if __name__ == "__main__":
     # Run as the module's own name, so that what it pickles (Batch) loads in the job's process.
-    from campaign_manager.services import import_parse
+    from campaign_manager.imports import parse as import_parse
 
     sys.exit(import_parse.main())

@@ -20,9 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from campaign_manager.audience.addresses import check_email
+from campaign_manager.imports.csvfile import CsvLayout, read_records, unquote_cells
 from campaign_manager.models import ImportReject, Job, JobFile
-from campaign_manager.services.csvfile import CsvLayout, read_records, unquote_cells
-from campaign_manager.services.emails import check_email
 
 SCAN_ROWS = 5_000
 

@@ -9,10 +9,12 @@ from sqlalchemy import func, union
 from sqlmodel import Session, col, select
 
 from campaign_manager import limits
+from campaign_manager.audience import consent
+from campaign_manager.audience.addresses import normalize_email
+from campaign_manager.audience.groups import get_group
+from campaign_manager.audience.recipients import get_recipient
 from campaign_manager.errors import InvalidInput, NotFound
 from campaign_manager.models import Campaign, CampaignGroup, CampaignRecipient, Group, GroupMember, Recipient
-from campaign_manager.services import consent
-from campaign_manager.services.emails import normalize_email
 
 
 def get_campaign(session: Session, ref: str | int) -> Campaign:
@@ -36,9 +38,6 @@ def create_campaign(
 ) -> Campaign:
     """Create a draft. Groups and recipients must exist; opted-out recipients may be named (they are simply
     never in the audience), forgotten ones cannot be found at all."""
-    from campaign_manager.services.groups import get_group
-    from campaign_manager.services.recipients import get_recipient
-
     if not title.strip() or not subject.strip():
         raise InvalidInput("a campaign needs a non-empty --title and --subject")
     if "\n" in subject or "\r" in subject:

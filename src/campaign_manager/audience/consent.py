@@ -15,17 +15,19 @@ from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, delete, select, update
 
 from campaign_manager import limits
+from campaign_manager.audience.addresses import email_hash as email_hash  # the hash a forgotten address leaves
+from campaign_manager.audience.addresses import email_key, normalize_email
 from campaign_manager.errors import ConsentError, NotFound
 from campaign_manager.models import (
     ACTIVE,
     OPTED_OUT,
+    CampaignRecipient,
     ConsentEvent,
+    GroupMember,
     Recipient,
     Suppression,
     utcnow,
 )
-from campaign_manager.services.emails import email_hash as email_hash  # the hash a forgotten address leaves
-from campaign_manager.services.emails import email_key, normalize_email
 
 OPT_OUT, OPT_IN, FORGET = "opt_out", "opt_in", "forget"
 log = logging.getLogger(__name__)
@@ -136,7 +138,6 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
     link to them and every free-text reason (what stays of each is its action, source and time); a suppression
     entry keeps the address from coming back. Works for an address no recipient holds yet (one known only to a
     queued import, say): it is suppressed all the same. Returns the hash kept, and whether anything changed."""
-    from campaign_manager.models import CampaignRecipient, GroupMember
 
     digest = email_hash(key)
     already = session.get(Suppression, digest) is not None

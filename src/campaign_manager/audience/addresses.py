@@ -23,6 +23,8 @@ from email_validator import EmailNotValidError, validate_email
 # startup instead of silently normalizing differently.)
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
+from campaign_manager.errors import InvalidInput
+
 _ROLE_NAMES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 _MAX_ROLE_NAME_LENGTH = max(map(len, _ROLE_NAMES))
 
@@ -126,7 +128,5 @@ def normalize_email(raw: str) -> str:
     normalized, reason = check_email(raw)
     if reason is not None:
         # Imported lazily so this module stays importable on its own, free of package import cycles.
-        from campaign_manager.errors import InvalidInput
-
         raise InvalidInput(f"invalid email {raw.strip()!r}: {reason}")
     return normalized

@@ -1,32 +1,18 @@
-"""Groups and their members. Adding people goes through the same consent rules as imports."""
+"""Groups: create, find, rename, describe (with member counts) and delete. Members are in `members`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from campaign_manager import limits
+from campaign_manager.audience import consent
 from campaign_manager.errors import Conflict, InvalidInput, NotFound
-from campaign_manager.models import OPTED_OUT, Group, GroupMember, Recipient, utcnow
-from campaign_manager.services import consent
-from campaign_manager.services.emails import check_email, email_key
-
-if TYPE_CHECKING:
-    from campaign_manager.services.recipients import Selection
-
-# What happened to each address given to `add_recipients`.
-CREATED, ADDED, ALREADY_MEMBER, INVALID, SUPPRESSED, DUPLICATE = (
-    "created",
-    "added",
-    "already_member",
-    "invalid",
-    "suppressed",
-    "duplicate",
-)
+from campaign_manager.models import Group, GroupMember, Recipient, utcnow
 
 
 def name_key(name: str) -> str:
@@ -134,69 +120,3 @@ def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[in
     if group_id is not None:
         query = query.where(GroupMember.group_id == group_id)
     return {gid: (total, active) for gid, total, active in session.exec(query).all() if gid is not None}
-
-
-def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> list[dict[str, Any]]:
-    """Add addresses to a group, creating recipients that do not exist. Reports, for each input, one of
-    created / added / already_member / invalid / suppressed / duplicate (given twice), with a reason."""
-    group = get_group(session, ref)
-    seen: set[str] = set()
-    results: list[dict[str, Any]] = []
-    for raw in emails:
-        normalized, reason = check_email(raw)
-        result: dict[str, Any] = {"input": raw, "email": normalized or None, "outcome": "", "reason": reason}
-        results.append(result)
-        if reason is not None:
-            result["outcome"] = INVALID
-            continue
-        key = email_key(normalized)
-        if key in seen:
-            result["outcome"] = DUPLICATE
-            continue
-        seen.add(key)
-        # One lookup an address (they are a handful), not a set of every erased address (there may be millions).
-        if consent.is_forgotten(session, key):
-            result.update(outcome=SUPPRESSED, reason="forgotten on request")
-            continue
-        recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
-        if recipient is None:
-            recipient = Recipient(email=normalized, email_key=key)
-            session.add(recipient)
-            session.flush()
-            result["outcome"] = CREATED
-        elif recipient.status == OPTED_OUT:
-            result.update(outcome=SUPPRESSED, reason="opted out")
-            continue
-        elif session.get(GroupMember, (group.id, recipient.id)) is not None:
-            result["outcome"] = ALREADY_MEMBER
-            continue
-        else:
-            result["outcome"] = ADDED
-        session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
-        session.flush()
-    return results
-
-
-def remove_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> list[dict[str, Any]]:
-    """Take addresses out of a group (the recipients stay). Outcome: removed / not_member / unknown."""
-    from campaign_manager.services.recipients import find_recipient
-
-    group = get_group(session, ref)
-    results: list[dict[str, Any]] = []
-    for raw in emails:
-        recipient = find_recipient(session, raw)
-        member = None if recipient is None else session.get(GroupMember, (group.id, recipient.id))
-        outcome = "unknown" if recipient is None else "not_member" if member is None else "removed"
-        if member is not None:
-            session.delete(member)
-        results.append({"input": raw, "outcome": outcome})
-    session.flush()
-    return results
-
-
-def group_recipients(session: Session, ref: str | int, *, active_only: bool = False) -> Selection:
-    """The selection of a group's members (or its active ones), for `recipients.iter_recipients`."""
-    from campaign_manager.models import ACTIVE
-    from campaign_manager.services.recipients import select_recipients
-
-    return select_recipients(session, group=get_group(session, ref).id, status=ACTIVE if active_only else None)

@@ -1,0 +1,81 @@
+"""Who is in which group: adding addresses to a group (through the consent rules, as imports do) and taking
+them out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlmodel import Session, select
+
+from campaign_manager.audience import consent
+from campaign_manager.audience.addresses import check_email, email_key
+from campaign_manager.audience.groups import get_group
+from campaign_manager.audience.recipients import find_recipient
+from campaign_manager.models import OPTED_OUT, GroupMember, Recipient
+
+# What happened to each address given to `add_recipients`.
+CREATED, ADDED, ALREADY_MEMBER, INVALID, SUPPRESSED, DUPLICATE = (
+    "created",
+    "added",
+    "already_member",
+    "invalid",
+    "suppressed",
+    "duplicate",
+)
+
+
+def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> list[dict[str, Any]]:
+    """Add addresses to a group, creating recipients that do not exist. Reports, for each input, one of
+    created / added / already_member / invalid / suppressed / duplicate (given twice), with a reason."""
+    group = get_group(session, ref)
+    seen: set[str] = set()
+    results: list[dict[str, Any]] = []
+    for raw in emails:
+        normalized, reason = check_email(raw)
+        result: dict[str, Any] = {"input": raw, "email": normalized or None, "outcome": "", "reason": reason}
+        results.append(result)
+        if reason is not None:
+            result["outcome"] = INVALID
+            continue
+        key = email_key(normalized)
+        if key in seen:
+            result["outcome"] = DUPLICATE
+            continue
+        seen.add(key)
+        # One lookup an address (they are a handful), not a set of every erased address (there may be millions).
+        if consent.is_forgotten(session, key):
+            result.update(outcome=SUPPRESSED, reason="forgotten on request")
+            continue
+        recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
+        if recipient is None:
+            recipient = Recipient(email=normalized, email_key=key)
+            session.add(recipient)
+            session.flush()
+            result["outcome"] = CREATED
+        elif recipient.status == OPTED_OUT:
+            result.update(outcome=SUPPRESSED, reason="opted out")
+            continue
+        elif session.get(GroupMember, (group.id, recipient.id)) is not None:
+            result["outcome"] = ALREADY_MEMBER
+            continue
+        else:
+            result["outcome"] = ADDED
+        session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
+        session.flush()
+    return results
+
+
+def remove_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> list[dict[str, Any]]:
+    """Take addresses out of a group (the recipients stay). Outcome: removed / not_member / unknown."""
+    group = get_group(session, ref)
+    results: list[dict[str, Any]] = []
+    for raw in emails:
+        recipient = find_recipient(session, raw)
+        member = None if recipient is None else session.get(GroupMember, (group.id, recipient.id))
+        outcome = "unknown" if recipient is None else "not_member" if member is None else "removed"
+        if member is not None:
+            session.delete(member)
+        results.append({"input": raw, "outcome": outcome})
+    session.flush()
+    return results

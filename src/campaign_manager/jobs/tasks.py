@@ -1,0 +1,164 @@
+"""cm's one Huey task: run the job a message names (through `runner`), and log how it went. Faults around a job are
+not the job's: a database that cannot be written or reached gets the job handed back (its attempt not counted) and
+the message sent again after a delay that grows while the fault lasts; a SQLite file deleted or replaced under the
+worker stops it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from huey.exceptions import RetryTask
+
+from campaign_manager import db
+from campaign_manager.errors import DatabaseError, NotFound
+from campaign_manager.jobs import runner
+from campaign_manager.jobs.health import Health, first_line
+
+if TYPE_CHECKING:
+    from campaign_manager.config import Settings
+
+log = logging.getLogger("campaign_manager.worker")
+
+
+ERROR = "error"  # a drain outcome beside jobs' own: the task itself failed (the database was unreachable, say)
+
+
+class _RetryLater(Exception):
+    """Raised by the task so that Huey schedules its retry (with backoff); the job row already holds the error."""
+
+
+class _QuietRetries(logging.Filter):
+    """Huey logs every exception a task raises, traceback and all; a retry is already logged by us, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _RetryLater))
+
+
+logging.getLogger("huey").addFilter(_QuietRetries())
+_outcome = threading.local()  # the outcome of the last task this thread ran, for the drain's report
+
+
+def clear_outcome() -> None:
+    _outcome.value = None
+
+
+def current_outcome() -> str | None:
+    """What the last task this thread ran came to (None: it did not run)."""
+    return getattr(_outcome, "value", None)
+
+
+def define_task(huey: Any, settings: Settings) -> Any:
+    url = settings.database_url
+    retries = int(settings.get("worker.retries"))
+    lease = float(settings.get("worker.lease_seconds"))
+    options = {key: settings.get(key) for key in runner.OPTION_KEYS}
+
+    @huey.task(  # type: ignore[untyped-decorator]  # huey ships no type hints
+        retries=retries,
+        retry_delay=float(settings.get("worker.retry_delay")),
+        retry_backoff=float(settings.get("worker.retry_backoff")),
+        context=True,
+        name="run_job",
+    )
+    def run_job_task(job_id: int, task: Any = None) -> str:
+        retries_left = int(task.retries) if task is not None else 0
+        return _run(
+            huey.health,
+            url,
+            job_id,
+            retries_left=retries_left,
+            max_attempts=retries + 1,
+            lease=lease,
+            options=options,
+        )
+
+    return run_job_task
+
+
+# A message can arrive before the transaction that saved its job commits (submit_job queues it first, so that a
+# command that fails leaves no job behind): wait this long for the job to appear before dropping the message.
+NOT_YET_SAVED_S = 5.0
+
+
+def _run(
+    health: Health,
+    url: str,
+    job_id: int,
+    *,
+    retries_left: int,
+    max_attempts: int,
+    lease: float,
+    options: dict[str, Any],
+) -> str:
+    _outcome.value = ERROR
+    deadline = time.monotonic() + NOT_YET_SAVED_S
+    while True:
+        try:
+            attempt = runner.attempt_job(
+                url,
+                job_id,
+                worker=runner.worker_name(),
+                retry=retries_left > 0,
+                max_attempts=max_attempts,
+                lease_seconds=lease,
+                on_start=_log_start,
+                options=options,
+            )
+            break
+        except NotFound:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            log.warning("job %d does not exist; its queue message is dropped", job_id)
+            _outcome.value = runner.SKIPPED
+            return runner.SKIPPED
+        except db.DatabaseGone as exc:
+            health.stop_for(exc)
+            return ERROR
+        except Exception as exc:
+            if not db.is_unavailable(exc):
+                raise
+            # Nothing was claimed (or the job already ended): only the message needs sending again, later.
+            health.fault = exc if isinstance(exc, DatabaseError) else db.DatabaseUnavailable(first_line(exc))
+            line = f"job {job_id}: the database cannot be written or reached ({first_line(exc)})"
+            raise RetryTask(delay=health.database.failed(line)) from None
+    if attempt.outcome == runner.FAULT:
+        # Logged by attempt_job, and handed back: run it again once the delay is over (Huey's retry that does
+        # not count: RetryTask leaves the task's retries as they were).
+        reason = f"the database cannot be written or reached ({attempt.job.error})"
+        health.fault = db.DatabaseUnavailable(f"{reason}; job {job_id} goes back to the queue")
+        raise RetryTask(delay=health.database.failed(None))
+    health.database.succeeded()
+    _log_end(attempt)
+    _outcome.value = attempt.outcome
+    if attempt.outcome == runner.RETRY:
+        raise _RetryLater(attempt.job.error)
+    return attempt.outcome
+
+
+def _fields(job: Any, **more: Any) -> dict[str, Any]:
+    return {"fields": {"job_id": job.id, "kind": job.kind, "status": job.status, **more}}
+
+
+def _log_start(job: Any) -> None:
+    log.info("job %d (%s) started, attempt %d", job.id, job.kind, job.attempts, extra=_fields(job))
+
+
+def _log_end(attempt: runner.Attempt) -> None:
+    job, outcome, secs = attempt.job, attempt.outcome, attempt.seconds
+    extra = _fields(job, outcome=outcome, seconds=round(secs, 3))
+    if outcome == runner.DONE:
+        counts = ", ".join(f"{k}={v}" for k, v in job.counts.items()) or "no counts"
+        log.info("job %d (%s) done in %.1fs: %s", job.id, job.kind, secs, counts, extra=extra)
+    elif outcome == runner.FAILED:
+        log.warning("job %d (%s) failed: %s", job.id, job.kind, job.error, extra=extra)
+    elif outcome == runner.RETRY:
+        log.warning("job %d (%s) failed, will be retried: %s", job.id, job.kind, job.error, extra=extra)
+    elif outcome == runner.SKIPPED:
+        held = f" by {job.worker}" if job.status == "running" else ""
+        log.info("job %d (%s) skipped: it is %s%s", job.id, job.kind, job.status, held, extra=extra)
+    else:
+        log.warning("job %d (%s) %s: it will run again", job.id, job.kind, outcome, extra=extra)
