@@ -168,7 +168,7 @@ def test_a_run_that_lost_its_job_commits_nothing_more(
                 conn.execute(sa.text(steal), {"id": job_id})
 
     attempt = runner.attempt_job(db_url, job_id, worker="me", progress=steal)
-    assert attempt.outcome == runner.LOST
+    assert attempt.outcome == runner.Outcome.LOST
     assert news("group show news --json").json()["members"] == 300
     assert attempt.job.worker == "thief" and attempt.job.status == "running"
 

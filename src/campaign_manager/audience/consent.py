@@ -19,8 +19,6 @@ from campaign_manager.audience.addresses import email_hash as email_hash  # the 
 from campaign_manager.audience.addresses import email_key, normalize_email
 from campaign_manager.errors import ConsentError, NotFound
 from campaign_manager.models import (
-    ACTIVE,
-    OPTED_OUT,
     CampaignRecipient,
     ConsentEvent,
     GroupMember,
@@ -28,14 +26,14 @@ from campaign_manager.models import (
     Suppression,
     utcnow,
 )
+from campaign_manager.states import ConsentAction, RecipientStatus
 
-OPT_OUT, OPT_IN, FORGET = "opt_out", "opt_in", "forget"
 log = logging.getLogger(__name__)
 
 
 def mailable() -> ColumnElement[bool]:
     """The SQL condition every audience query uses: only active recipients may be mailed."""
-    return col(Recipient.status) == ACTIVE
+    return col(Recipient.status) == RecipientStatus.ACTIVE
 
 
 def is_forgotten(session: Session, key: str) -> bool:
@@ -57,7 +55,7 @@ def refuse_if_forgotten(session: Session, key: str) -> None:
 
 
 def _record(
-    session: Session, *, key: str, recipient_id: int | None, action: str, reason: str | None, source: str
+    session: Session, *, key: str, recipient_id: int | None, action: ConsentAction, reason: str | None, source: str
 ) -> ConsentEvent:
     event = ConsentEvent(
         recipient_id=recipient_id, email_hash=email_hash(key), action=action, reason=reason, source=source
@@ -90,31 +88,31 @@ def opt_out(session: Session, email: str, *, reason: str | None, source: str) ->
     if recipient is None:
         if is_forgotten(session, key):
             raise ConsentError("that address was forgotten; it is already never mailed")
-        recipient = Recipient(email=normalized, email_key=key, status=OPTED_OUT)
+        recipient = Recipient(email=normalized, email_key=key, status=RecipientStatus.OPTED_OUT)
         session.add(recipient)
-    elif recipient.status == OPTED_OUT:
+    elif recipient.status == RecipientStatus.OPTED_OUT:
         return recipient, False
     now = utcnow()
-    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = OPTED_OUT, reason, now
+    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = RecipientStatus.OPTED_OUT, reason, now
     recipient.updated_at = now
     session.flush()
-    _record(session, key=key, recipient_id=recipient.id, action=OPT_OUT, reason=reason, source=source)
+    _record(session, key=key, recipient_id=recipient.id, action=ConsentAction.OPT_OUT, reason=reason, source=source)
     return recipient, True
 
 
 def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> bool:
     """The only way back to `active`. Returns whether anything changed."""
     limits.check("the reason", reason, limits.REASON)
-    if recipient.status == ACTIVE:
+    if recipient.status == RecipientStatus.ACTIVE:
         return False
     now = utcnow()
-    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = ACTIVE, None, None
+    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = RecipientStatus.ACTIVE, None, None
     recipient.updated_at = now
     _record(
         session,
         key=recipient.email_key,
         recipient_id=recipient.id,
-        action=OPT_IN,
+        action=ConsentAction.OPT_IN,
         reason=reason,
         source=source,
     )
@@ -129,7 +127,7 @@ def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source
     if row is None:
         return False
     session.delete(row)
-    _record(session, key=key, recipient_id=None, action=OPT_IN, reason=reason, source=source)
+    _record(session, key=key, recipient_id=None, action=ConsentAction.OPT_IN, reason=reason, source=source)
     return True
 
 
@@ -166,7 +164,7 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
     if already and recipient is None:
         return digest, False
     session.flush()
-    _record(session, key=key, recipient_id=None, action=FORGET, reason=None, source=source)
+    _record(session, key=key, recipient_id=None, action=ConsentAction.FORGET, reason=None, source=source)
     return digest, True
 
 

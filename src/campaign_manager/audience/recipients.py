@@ -15,7 +15,6 @@ from campaign_manager.audience.listing import _COLUMNS, _describe_row
 from campaign_manager.errors import Conflict, ConsentError, InvalidInput, NotFound
 from campaign_manager.imports.scrub import rejects_naming, scrub_address
 from campaign_manager.models import (
-    OPTED_OUT,
     Campaign,
     CampaignRecipient,
     Group,
@@ -24,6 +23,7 @@ from campaign_manager.models import (
     Recipient,
     utcnow,
 )
+from campaign_manager.states import RecipientStatus
 
 
 def find_recipient(session: Session, ref: str | int) -> Recipient | None:
@@ -71,7 +71,7 @@ def create_recipient(
     key = email_key(normalized)
     name, phone, attributes = _clean_name(name), _clean_phone(phone), limits.check_attributes(attributes)
     existing = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
-    if existing is not None and existing.status == OPTED_OUT:
+    if existing is not None and existing.status == RecipientStatus.OPTED_OUT:
         raise ConsentError(
             f"{existing.email} opted out (id {existing.id}); creating it again would not make it active",
             hint="only `cm recipient opt-in` does that",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from campaign_manager.errors import CmError, InvalidInput
+from campaign_manager.errors import CmError, ExitCode, InvalidInput
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -217,7 +217,7 @@ def end_quietly_on_broken_pipe() -> typer.Exit:
 
     with suppress(OSError, ValueError):  # ValueError: a stdout with no file behind it (tests)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return typer.Exit(1)
+    return typer.Exit(ExitCode.ERROR)
 
 
 def print_record(record: dict[str, Any], *, fields: Sequence[str] | None = None) -> None:

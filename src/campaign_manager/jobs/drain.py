@@ -17,7 +17,7 @@ from campaign_manager import db
 from campaign_manager.errors import CmError, DatabaseError, QueueError
 from campaign_manager.jobs import leases, records, retention, runner
 from campaign_manager.jobs.queue import JobQueue, close_huey, get_huey, probe, queue_errors, send_message, unreachable
-from campaign_manager.jobs.tasks import ERROR, clear_outcome, current_outcome
+from campaign_manager.jobs.tasks import DrainOutcome, TaskOutcome, clear_outcome, current_outcome
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
@@ -82,9 +82,13 @@ def release_jobs(settings: Settings, huey: JobQueue) -> list[int]:
     return released
 
 
+# The outcomes that make a drain fail (exit 9).
+FAILURES: tuple[DrainOutcome, ...] = (runner.Outcome.FAILED, runner.Outcome.RETRY, TaskOutcome.ERROR)
+
+
 @dataclass
 class DrainReport:
-    outcomes: dict[int, str] = field(default_factory=dict)  # job id -> outcome of its last attempt in this drain
+    outcomes: dict[int, DrainOutcome] = field(default_factory=dict)  # job id -> its last attempt's, in this drain
     recovered: records.Recovery = field(default_factory=records.Recovery)
     released: list[int] = field(default_factory=list)
     waiting: list[tuple[int, datetime | None]] = field(default_factory=list)  # retries not due yet: (job, UTC eta)
@@ -92,13 +96,13 @@ class DrainReport:
     queue_error: QueueError | None = None
     database_error: DatabaseError | None = None
 
-    def ids(self, *outcomes: str) -> list[int]:
+    def ids(self, *outcomes: DrainOutcome) -> list[int]:
         return sorted(job_id for job_id, outcome in self.outcomes.items() if outcome in outcomes)
 
     @property
     def ok(self) -> bool:
         """Every job this drain ran succeeded (a job skipped because someone else had it is not a failure)."""
-        return not self.ids(runner.FAILED, runner.RETRY, ERROR)
+        return not self.ids(*FAILURES)
 
 
 def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> DrainReport:

@@ -20,12 +20,8 @@ from sqlmodel import col
 from campaign_manager.db import DatabaseGone, discard_connections, is_sqlite, is_unavailable, open_session
 from campaign_manager.errors import CmError
 from campaign_manager.jobs.records import get_job, write
-from campaign_manager.models import (
-    JOB_QUEUED,
-    JOB_RUNNING,
-    Job,
-    utcnow,
-)
+from campaign_manager.models import Job, utcnow
+from campaign_manager.states import JobStatus
 
 log = logging.getLogger("campaign_manager.worker")
 
@@ -61,7 +57,7 @@ def fenced(run: Run) -> Any:
         sa.update(Job)
         .where(
             col(Job.id) == run.job_id,
-            col(Job.status) == JOB_RUNNING,
+            col(Job.status) == JobStatus.RUNNING,
             col(Job.worker) == run.worker,
             col(Job.attempts) == run.attempts,
         )
@@ -91,12 +87,12 @@ def claim(url: str, job_id: int, *, worker: str, lease: float) -> tuple[Job, Run
             .where(
                 col(Job.id) == job_id,
                 sa.or_(
-                    col(Job.status) == JOB_QUEUED,
-                    sa.and_(col(Job.status) == JOB_RUNNING, col(Job.lease_until) < now),
+                    col(Job.status) == JobStatus.QUEUED,
+                    sa.and_(col(Job.status) == JobStatus.RUNNING, col(Job.lease_until) < now),
                 ),
             )
             .values(
-                status=JOB_RUNNING,
+                status=JobStatus.RUNNING,
                 attempts=col(Job.attempts) + 1,
                 worker=worker,
                 started_at=now,
@@ -143,7 +139,7 @@ def hand_back(url: str, run: Run, error: str) -> bool:
     read-only), again and again (capped backoff) for up to a lease, so that it goes through as soon as the
     database takes writes. False if it never did: the lease then runs out, and recovery takes the job."""
     statement = fenced(run).values(
-        status=JOB_QUEUED, lease_until=None, attempts=col(Job.attempts) - 1, error=f"handed back: {error}"
+        status=JobStatus.QUEUED, lease_until=None, attempts=col(Job.attempts) - 1, error=f"handed back: {error}"
     )
     deadline, delay = time.monotonic() + run.lease, HAND_BACK_FIRST_DELAY_S
     while True:
@@ -201,7 +197,7 @@ def release_jobs(url: str, *, enqueue: Callable[[int], None]) -> list[int]:
             url,
             fenced(run)
             .where(col(Job.lease_until) < utcnow())
-            .values(status=JOB_QUEUED, lease_until=None, error="released by a stopping worker"),
+            .values(status=JobStatus.QUEUED, lease_until=None, error="released by a stopping worker"),
         )
         released.append(run.job_id)
     return released

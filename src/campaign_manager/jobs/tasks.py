@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from huey.exceptions import RetryTask
@@ -16,6 +17,7 @@ from campaign_manager import db
 from campaign_manager.errors import DatabaseError, NotFound
 from campaign_manager.jobs import runner
 from campaign_manager.jobs.health import Health, first_line
+from campaign_manager.states import JobStatus
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
@@ -23,7 +25,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("campaign_manager.worker")
 
 
-ERROR = "error"  # a drain outcome beside jobs' own: the task itself failed (the database was unreachable, say)
+class TaskOutcome(StrEnum):
+    """A drain's outcome beside the attempt's own (runner.Outcome)."""
+
+    ERROR = "error"  # the task itself failed, before or around an attempt (the database was unreachable, say)
+
+
+DrainOutcome = runner.Outcome | TaskOutcome  # what `current_outcome` and a drain's report hold for a job
 
 
 class _RetryLater(Exception):
@@ -45,7 +53,7 @@ def clear_outcome() -> None:
     _outcome.value = None
 
 
-def current_outcome() -> str | None:
+def current_outcome() -> DrainOutcome | None:
     """What the last task this thread ran came to (None: it did not run)."""
     return getattr(_outcome, "value", None)
 
@@ -63,7 +71,7 @@ def define_task(huey: Any, settings: Settings) -> Any:
         context=True,
         name="run_job",
     )
-    def run_job_task(job_id: int, task: Any = None) -> str:
+    def run_job_task(job_id: int, task: Any = None) -> DrainOutcome:
         retries_left = int(task.retries) if task is not None else 0
         return _run(
             huey.health,
@@ -92,8 +100,8 @@ def _run(
     max_attempts: int,
     lease: float,
     options: dict[str, Any],
-) -> str:
-    _outcome.value = ERROR
+) -> DrainOutcome:
+    _outcome.value = TaskOutcome.ERROR
     deadline = time.monotonic() + NOT_YET_SAVED_S
     while True:
         try:
@@ -113,11 +121,11 @@ def _run(
                 time.sleep(0.2)
                 continue
             log.warning("job %d does not exist; its queue message is dropped", job_id)
-            _outcome.value = runner.SKIPPED
-            return runner.SKIPPED
+            _outcome.value = runner.Outcome.SKIPPED
+            return runner.Outcome.SKIPPED
         except db.DatabaseGone as exc:
             health.stop_for(exc)
-            return ERROR
+            return TaskOutcome.ERROR
         except Exception as exc:
             if not db.is_unavailable(exc):
                 raise
@@ -125,7 +133,7 @@ def _run(
             health.fault = exc if isinstance(exc, DatabaseError) else db.DatabaseUnavailable(first_line(exc))
             line = f"job {job_id}: the database cannot be written or reached ({first_line(exc)})"
             raise RetryTask(delay=health.database.failed(line)) from None
-    if attempt.outcome == runner.FAULT:
+    if attempt.outcome == runner.Outcome.FAULT:
         # Logged by attempt_job, and handed back: run it again once the delay is over (Huey's retry that does
         # not count: RetryTask leaves the task's retries as they were).
         reason = f"the database cannot be written or reached ({attempt.job.error})"
@@ -134,7 +142,7 @@ def _run(
     health.database.succeeded()
     _log_end(attempt)
     _outcome.value = attempt.outcome
-    if attempt.outcome == runner.RETRY:
+    if attempt.outcome == runner.Outcome.RETRY:
         raise _RetryLater(attempt.job.error)
     return attempt.outcome
 
@@ -150,15 +158,15 @@ def _log_start(job: Any) -> None:
 def _log_end(attempt: runner.Attempt) -> None:
     job, outcome, secs = attempt.job, attempt.outcome, attempt.seconds
     extra = _fields(job, outcome=outcome, seconds=round(secs, 3))
-    if outcome == runner.DONE:
+    if outcome == runner.Outcome.DONE:
         counts = ", ".join(f"{k}={v}" for k, v in job.counts.items()) or "no counts"
         log.info("job %d (%s) done in %.1fs: %s", job.id, job.kind, secs, counts, extra=extra)
-    elif outcome == runner.FAILED:
+    elif outcome == runner.Outcome.FAILED:
         log.warning("job %d (%s) failed: %s", job.id, job.kind, job.error, extra=extra)
-    elif outcome == runner.RETRY:
+    elif outcome == runner.Outcome.RETRY:
         log.warning("job %d (%s) failed, will be retried: %s", job.id, job.kind, job.error, extra=extra)
-    elif outcome == runner.SKIPPED:
-        held = f" by {job.worker}" if job.status == "running" else ""
+    elif outcome == runner.Outcome.SKIPPED:
+        held = f" by {job.worker}" if job.status == JobStatus.RUNNING else ""
         log.info("job %d (%s) skipped: it is %s%s", job.id, job.kind, job.status, held, extra=extra)
     else:
         log.warning("job %d (%s) %s: it will run again", job.id, job.kind, outcome, extra=extra)
