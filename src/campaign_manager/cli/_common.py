@@ -36,7 +36,7 @@ class State:
             from campaign_manager.config import load_settings
 
             self._settings = load_settings(self.config_path, {"database.url": self.database})
-            self.setup_logging(self._settings.get("log.level"), self._settings.get("log.format"))
+            self.setup_logging(self._settings.log.level, self._settings.log.format)
             if self._settings.warnings:
                 import logging  # not at the top: `cm --help` does without it
 

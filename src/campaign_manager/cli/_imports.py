@@ -72,10 +72,9 @@ def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str
     st = state(ctx)
     with st.session() as session:
         job_id = int(stage(session).id or 0)
-    options = {key: st.settings.get(key) for key in runner.OPTION_KEYS}
     with progress_bar(ctx, f"importing (job {job_id})") as update:
         attempt, signum = runner.run_in_foreground(
-            st.settings.database_url, job_id, worker="cm --wait", progress=update, options=options
+            st.settings.database_url, job_id, worker="cm --wait", progress=update, settings=st.settings
         )
     data = records.describe_job(attempt.job)
     if signum and data["status"] == JobStatus.CANCELLED:

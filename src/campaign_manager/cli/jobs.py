@@ -139,7 +139,7 @@ def purge(
     from campaign_manager.jobs import retention
 
     st = state(ctx)
-    days = float(st.settings.get("jobs.keep_files_days")) if older_than is None else older_than
+    days = st.settings.jobs.keep_files_days if older_than is None else older_than
     with st.session() as session:
         purged = retention.purge_files(session, older_than_days=days)
     info(ctx, f"purged the staged uploads of {len(purged)} job(s)" + (f": {purged}" if purged else ""))

@@ -51,7 +51,7 @@ def worker(
     st = state(ctx)
     settings = st.settings
     configure_logging(verbose=st.verbose, quiet=st.quiet)
-    threads = workers or int(settings.get("worker.workers"))
+    threads = workers or settings.worker.workers
     if not drain:
         consumer.run_worker(settings, workers=threads, grace=grace)
         return

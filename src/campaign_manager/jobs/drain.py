@@ -30,7 +30,7 @@ def recover_jobs(settings: Settings, huey: JobQueue) -> records.Recovery:
     recovery = records.recover_stale_jobs(
         settings.database_url,
         enqueue=lambda job_id: send_message(huey, job_id),
-        max_attempts=int(settings.get("worker.retries")) + 1,
+        max_attempts=settings.worker.retries + 1,
     )
     for job_id in recovery.requeued:
         log.warning("job %d: its worker stopped responding; back in the queue", job_id)
@@ -62,7 +62,7 @@ def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
 
 def purge_old_files(settings: Settings) -> None:
     """Purge staged uploads past `jobs.keep_files_days`, if no process did in the last hour."""
-    days = float(settings.get("jobs.keep_files_days"))
+    days = settings.jobs.keep_files_days
     try:
         purged = retention.purge_if_due(settings.database_url, older_than_days=days)
     except db.DatabaseGone:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -22,6 +22,9 @@ from campaign_manager.errors import CmError
 from campaign_manager.jobs.records import get_job, write
 from campaign_manager.models import Job, utcnow
 from campaign_manager.states import JobStatus
+
+if TYPE_CHECKING:
+    from campaign_manager.config import Settings
 
 log = logging.getLogger("campaign_manager.worker")
 
@@ -42,7 +45,7 @@ class Run:
     lost: bool = False
     done: int | None = None  # the handler's last progress call, if any
     total: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # settings the handler may ask for (current_option)
+    settings: Settings | None = None  # what the handler reads through runner.current_settings
 
 
 _active: dict[int, Run] = {}

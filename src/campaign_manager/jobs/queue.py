@@ -100,7 +100,7 @@ def _display(url: str) -> str:
 def get_huey(settings: Settings, *, blocking: bool = True) -> JobQueue:
     """The queue named by `queue.url` and `queue.name`. `blocking=False` makes dequeue return at once when the
     queue is empty (Redis and PostgreSQL otherwise wait up to a second for a message)."""
-    url, name = settings.queue_url, str(settings.get("queue.name"))
+    url, name = settings.queue.url, settings.queue.name
     kwargs: dict[str, Any]
     if url.startswith(("redis://", "rediss://", "unix://")):
         storage, kwargs = RedisStorage, {"url": url, "blocking": blocking, "read_timeout": 1}

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from campaign_manager.db import DatabaseGone, is_unavailable, open_session
 from campaign_manager.errors import CmError
@@ -39,8 +39,8 @@ from campaign_manager.jobs.records import Progress, get_handler, get_job, write
 from campaign_manager.models import Job, utcnow
 from campaign_manager.states import JobStatus
 
-# Settings a job's handler may read through current_option: callers of attempt_job pass these.
-OPTION_KEYS = ("import.segment_rows",)
+if TYPE_CHECKING:
+    from campaign_manager.config import Settings
 
 
 class Outcome(StrEnum):
@@ -119,10 +119,11 @@ def current_claim() -> tuple[str, int] | None:
     return None if run is None else (run.worker, run.attempts)
 
 
-def current_option(key: str, default: Any = None) -> Any:
-    """A setting the caller of attempt_job passed for the handler (e.g. `import.segment_rows`)."""
+def current_settings() -> Settings | None:
+    """The settings the caller of attempt_job passed for this thread's handler (`import.segment_rows`, say).
+    None outside attempt_job, or when the caller passed none: the handler then uses the defaults."""
     run: Run | None = getattr(_current, "run", None)
-    return default if run is None else run.options.get(key, default)
+    return None if run is None else run.settings
 
 
 def attempt_job(
@@ -135,7 +136,7 @@ def attempt_job(
     max_attempts: int | None = None,
     lease_seconds: float = 60.0,
     on_start: Callable[[Job], None] | None = None,
-    options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
     interrupt: Interrupt | None = None,
 ) -> Attempt:
     """Claim and run one job. A job that is done, failed, cancelled or held by a live worker is SKIPPED.
@@ -147,7 +148,7 @@ def attempt_job(
     job, run = claim(url, job_id, worker=worker, lease=lease_seconds)
     if run is None:
         return Attempt(job, Outcome.SKIPPED)
-    run.options = dict(options or {})
+    run.settings = settings
     track(run)
 
     def _progress(done: int, total: int) -> None:
@@ -265,7 +266,7 @@ def run_job(url: str, job_id: int, *, worker: str, progress: Progress | None = N
 
 
 def run_in_foreground(
-    url: str, job_id: int, *, worker: str, progress: Progress | None = None, options: dict[str, Any] | None = None
+    url: str, job_id: int, *, worker: str, progress: Progress | None = None, settings: Settings | None = None
 ) -> tuple[Attempt, int]:
     """Run a job in this process (`--wait`), no retry. SIGINT and SIGTERM stop it at once: the part in progress
     rolls back and the job is cancelled with what it committed. Returns the attempt and the signal that stopped it
@@ -275,7 +276,7 @@ def run_in_foreground(
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, interrupt.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        attempt = attempt_job(url, job_id, worker=worker, progress=progress, options=options, interrupt=interrupt)
+        attempt = attempt_job(url, job_id, worker=worker, progress=progress, settings=settings, interrupt=interrupt)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -60,14 +60,12 @@ def current_outcome() -> DrainOutcome | None:
 
 def define_task(huey: Any, settings: Settings) -> Any:
     url = settings.database_url
-    retries = int(settings.get("worker.retries"))
-    lease = float(settings.get("worker.lease_seconds"))
-    options = {key: settings.get(key) for key in runner.OPTION_KEYS}
+    retries, lease = settings.worker.retries, settings.worker.lease_seconds
 
     @huey.task(  # type: ignore[untyped-decorator]  # huey ships no type hints
         retries=retries,
-        retry_delay=float(settings.get("worker.retry_delay")),
-        retry_backoff=float(settings.get("worker.retry_backoff")),
+        retry_delay=settings.worker.retry_delay,
+        retry_backoff=settings.worker.retry_backoff,
         context=True,
         name="run_job",
     )
@@ -80,7 +78,7 @@ def define_task(huey: Any, settings: Settings) -> Any:
             retries_left=retries_left,
             max_attempts=retries + 1,
             lease=lease,
-            options=options,
+            settings=settings,
         )
 
     return run_job_task
@@ -99,7 +97,7 @@ def _run(
     retries_left: int,
     max_attempts: int,
     lease: float,
-    options: dict[str, Any],
+    settings: Settings,
 ) -> DrainOutcome:
     _outcome.value = TaskOutcome.ERROR
     deadline = time.monotonic() + NOT_YET_SAVED_S
@@ -113,7 +111,7 @@ def _run(
                 max_attempts=max_attempts,
                 lease_seconds=lease,
                 on_start=_log_start,
-                options=options,
+                settings=settings,
             )
             break
         except NotFound:
