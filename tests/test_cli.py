@@ -10,11 +10,10 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import pytest
 import typer
@@ -248,9 +247,8 @@ def test_text_logs_and_quiet(cm: Cm) -> None:
     assert cm("recipient opt-out bob@example.com").stderr == f"recipient {bob} was already opted out\n"
 
 
-@dataclass(frozen=True)
-class ThrowawaySettings:
-    greeting: str = notifiers.key("hello", help="what it says")
+class ThrowawaySettings(NamedTuple):
+    greeting: Annotated[str, notifiers.key("what it says")] = "hello"
 
 
 class Throwaway:

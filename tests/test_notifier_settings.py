@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable, Iterator
 from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NamedTuple
 
 import pytest
 
@@ -28,14 +28,14 @@ Cm = Callable[..., Run]
 ROOT = Path(__file__).parent.parent
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # a plugin's choice; cm's own sections and outbox are NamedTuples: both are read alike
 class ProbeSettings:
-    endpoint: str | None = key(None, env="CM_NOTIFIERS_PROBE_ENDPOINT", help="where messages go")
-    api_key: str | None = key(None, env="CM_NOTIFIERS_PROBE_API_KEY", secret=True, help="the provider's key")
-    retries: int = key(2, env="CM_NOTIFIERS_PROBE_RETRIES", help="attempts")
-    timeout: float = key(5.0, help="seconds")
-    verify: bool = key(True, env="CM_NOTIFIERS_PROBE_VERIFY", help="check the certificate")
-    spool: Path = key(Path("spool"), help="a folder")
+    endpoint: Annotated[str | None, key("where messages go", env="CM_NOTIFIERS_PROBE_ENDPOINT")] = None
+    api_key: Annotated[str | None, key("the provider's key", env="CM_NOTIFIERS_PROBE_API_KEY", secret=True)] = None
+    retries: Annotated[int, key("attempts", env="CM_NOTIFIERS_PROBE_RETRIES")] = 2
+    timeout: Annotated[float, key("seconds")] = 5.0
+    verify: Annotated[bool, key("check the certificate", env="CM_NOTIFIERS_PROBE_VERIFY")] = True
+    spool: Annotated[Path, key("a folder")] = Path("spool")
 
 
 class ProbeNotifier:
@@ -333,17 +333,27 @@ def test_a_command_with_no_notifiers_table_does_not_load_the_plugins(tmp_path: P
 def test_what_a_declaration_may_be() -> None:
     @dataclass
     class NotFrozen:
-        a: int = key(1, help="x")
+        a: Annotated[int, key("x")] = 1
 
-    @dataclass(frozen=True)
-    class Untyped:
-        a: list[str] = key(None, help="x")
+    class Plain:
+        a: Annotated[int, key("x")] = 1
 
-    @dataclass(frozen=True)
-    class Undeclared:
+    class Listed(NamedTuple):
+        a: Annotated[list[str], key("x")] = []  # noqa: RUF012
+
+    class Undeclared(NamedTuple):
         a: int = 1
 
-    for cls, message in ((NotFrozen, "frozen dataclass"), (Untyped, "type must be one of"), (Undeclared, "key()")):
+    class NoDefault(NamedTuple):
+        a: Annotated[int, key("x")]
+
+    for cls, message in (
+        (NotFrozen, "must be a NamedTuple or a frozen dataclass"),
+        (Plain, "must be a NamedTuple or a frozen dataclass"),
+        (Listed, "type must be one of str, int, float, bool, Path"),
+        (Undeclared, "must be annotated Annotated[TYPE, key(...)]"),
+        (NoDefault, "needs a default"),
+    ):
         with pytest.raises(TypeError, match=re.escape(message)):
             keys.declared(cls)
     assert [(k.name, k.kind, k.optional, k.secret) for k in keys.declared(ProbeSettings)] == [

@@ -20,7 +20,6 @@ from typing import Any
 
 from campaign_manager.errors import ConfigError, InvalidInput
 from campaign_manager.keys import Key, coerce, declared, read_table, toml_value
-from campaign_manager.notifiers import builtin_notifiers, config_class, load_errors, load_notifiers
 from campaign_manager.sections import (
     KEYS,
     SECTIONS,
@@ -88,6 +87,10 @@ class Settings:
 
     @cached_property
     def _notifier_settings(self) -> tuple[dict[str, Any], dict[str, str]]:
+        # Imported here, like the plugins themselves: a command that neither sends nor shows the settings (most
+        # of them) does without the notifier contract (~2 ms of start-up).
+        from campaign_manager.notifiers import config_class, load_notifiers
+
         configs: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for name, cls in sorted(load_notifiers().items()):
@@ -176,7 +179,7 @@ def load_settings(config: str | None = None, flags: Mapping[str, Any] | None = N
         value, source = values[table][name], sources[dotted]
         if source.startswith("file ") and not value.strip():
             raise ConfigError(f"{dotted} in {file} is empty", hint="give a path or a URL, or remove the key")
-        if value is not None:
+        if value:
             values[table][name] = resolve_url(value, file.parent if source.startswith("file ") and file else Path.cwd())
     for dotted, value in (flags or {}).items():
         if value is None:
@@ -191,9 +194,9 @@ def load_settings(config: str | None = None, flags: Mapping[str, Any] | None = N
             value = resolve_url(value, Path.cwd())
         values[table][name] = coerce(KEYS[dotted], value, name=dotted, source="a flag")
         sources[dotted] = "flag"
-    if values["database"]["url"] is None:
+    if not values["database"]["url"]:
         values["database"]["url"] = f"sqlite:///{data_dir() / 'cm.db'}"
-    if values["queue"]["url"] is None:
+    if not values["queue"]["url"]:
         values["queue"]["url"] = default_queue_url(values["database"]["url"])
         sources["queue.url"] = "default (beside the database)"
     _check_log(values["log"], sources)
@@ -234,6 +237,8 @@ def _notifier_tables(raw: Any, path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def _not_installed(name: str, path: Path | None) -> str:
+    from campaign_manager.notifiers import load_errors  # see Settings._notifier_settings
+
     failed = load_errors().get(name)
     why = f"the notifier {name!r} failed to load ({failed})" if failed else f"no notifier {name!r} is installed"
     return f"{path}: [notifiers.{name}] is ignored: {why} (see `cm plugins`)"
@@ -329,6 +334,8 @@ def render_example(*, database_url: str | None = None) -> str:
         "# Notifiers: one table each, [notifiers.NAME] (`cm plugins` lists those installed); a table for one",
         "# that is not installed is ignored, with a warning. The built-in notifiers' keys:",
     ]
+    from campaign_manager.notifiers import builtin_notifiers, config_class  # see Settings._notifier_settings
+
     for name, cls in sorted(builtin_notifiers().items()):
         lines += ["", f"# [{NOTIFIERS}.{name}]"]
         for k in declared(config_class(cls)):

@@ -1,14 +1,13 @@
-"""Settings declared as typed classes: a frozen dataclass is one table of campaign.toml, each of its fields one key.
+"""Settings declared as typed classes: one class is one table of campaign.toml, each of its fields one key.
 
-    @dataclass(frozen=True)
-    class OutboxSettings:
-        folder: Path = key(Path("outbox"), help="where the .eml files go", env="CM_NOTIFIERS_OUTBOX_FOLDER")
+    class OutboxSettings(NamedTuple):
+        folder: Annotated[Path, key("where the .eml files go", env="CM_NOTIFIERS_OUTBOX_FOLDER")] = Path("outbox")
 
 The field gives the key's name, type and default; `key()` adds its one-line help, the environment variable that
-can supply it and whether it is a secret (masked by `cm config show`). cm's own sections (config.py) and every
-notifier's table (`[notifiers.NAME]`) are declared this way, and read by the same code: values come from the
-defaults, then the file, then the environment, and are checked against the declared type, so a caller reads
-`settings.worker.retries` as an int with no cast.
+can supply it and whether it is a secret (masked by `cm config show`). The class is a NamedTuple or a frozen
+dataclass: immutable, typed. cm's own sections (`sections`) and every notifier's table (`[notifiers.NAME]`) are
+declared this way and read by the same code: values come from the defaults, then the file, then the environment,
+and are checked against the declared type, so a caller reads `settings.worker.retries` as an int with no cast.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Any, get_args, get_type_hints
+from typing import Annotated, Any, ForwardRef, NamedTuple, get_args, get_origin, get_type_hints
 
 from campaign_manager.errors import ConfigError
 
@@ -29,23 +27,26 @@ KINDS: tuple[type, ...] = (str, int, float, bool, Path)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-@dataclass(frozen=True)
-class _Extra:
+class KeyDoc(NamedTuple):
+    """What `key()` says about a key, beside its type and default."""
+
     help: str
-    env: str | None
-    secret: bool
-    example: str | None
+    env: str | None = None
+    secret: bool = False
+    example: str | None = None
 
 
-def key(default: Any, *, help: str, env: str | None = None, secret: bool = False, example: str | None = None) -> Any:
-    """A field of a settings class. `example`: the value campaign.toml.example shows (TOML, maybe with a comment)
-    when the default is not one to show (None: worked out at run time)."""
-    return dataclasses.field(default=default, metadata={"cm": _Extra(help, env, secret, example)})
+def key(help: str, *, env: str | None = None, secret: bool = False, example: str | None = None) -> KeyDoc:
+    """The annotation that declares a field a key: `retries: Annotated[int, key("times ...", env="CM_...")] = 3`.
+    `help`: one line; `env`: the environment variable that can set it; `secret`: masked by `cm config show`;
+    `example`: the value campaign.toml.example shows (TOML, maybe with a comment) when the default is not one to
+    show (None, worked out at run time)."""
+    return KeyDoc(help, env, secret, example)
 
 
-@dataclass(frozen=True)
-class Key:
-    """One declared key."""
+class Key(NamedTuple):
+    """One declared key. (Named tuples here and for cm's own sections, not dataclasses: every `cm` command loads
+    them, and defining a dataclass costs about ten times as much.)"""
 
     name: str
     kind: type  # one of KINDS
@@ -78,17 +79,36 @@ def declared(cls: type) -> tuple[Key, ...]:
     return _declared[cls]
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """Each field's default (a key must have one), for a NamedTuple or a frozen dataclass."""
+    if dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    elif issubclass(cls, tuple) and hasattr(cls, "_fields"):
+        given: dict[str, Any] = getattr(cls, "_field_defaults", {})
+        defaults = {name: given.get(name, dataclasses.MISSING) for name in getattr(cls, "_fields", ())}
+    else:
+        raise TypeError(f"{cls.__qualname__} must be a NamedTuple or a frozen dataclass")
+    for name, default in defaults.items():
+        if default is dataclasses.MISSING:
+            raise TypeError(f"{cls.__qualname__}.{name} needs a default (None for a key not set)")
+    return defaults
+
+
 def _declare(cls: type) -> tuple[Key, ...]:
-    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
-        raise TypeError(f"{cls.__qualname__} must be a frozen dataclass")
-    hints = get_type_hints(cls)
+    defaults = _defaults(cls)
+    hints = dict(getattr(cls, "__annotations__", {}))
+    # A NamedTuple's annotations are all its own; evaluated only if they are strings (`from __future__ import
+    # annotations`; NamedTuple makes them ForwardRefs), which costs time at every start.
+    if dataclasses.is_dataclass(cls) or any(isinstance(hint, str | ForwardRef) for hint in hints.values()):
+        hints = get_type_hints(cls, include_extras=True)
     keys = []
-    for f in dataclasses.fields(cls):
-        extra = f.metadata.get("cm")
-        if not isinstance(extra, _Extra):
-            raise TypeError(f"{cls.__qualname__}.{f.name} must be declared with campaign_manager.keys.key()")
-        kind, optional = _kind(hints[f.name], f"{cls.__qualname__}.{f.name}")
-        keys.append(Key(f.name, kind, optional, f.default, extra.help, extra.env, extra.secret, extra.example))
+    for name, default in defaults.items():
+        hint, where = hints.get(name), f"{cls.__qualname__}.{name}"
+        docs = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, KeyDoc)]
+        if get_origin(hint) is not Annotated or len(docs) != 1:
+            raise TypeError(f"{where} must be annotated Annotated[TYPE, key(...)] (campaign_manager.keys.key)")
+        kind, optional = _kind(get_args(hint)[0], where)
+        keys.append(Key(name, kind, optional, default, *docs[0]))
     return tuple(keys)
 
 

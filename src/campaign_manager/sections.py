@@ -1,69 +1,75 @@
-"""cm's own settings: one frozen dataclass a table of campaign.toml, one field a key (see `keys`). `config` reads
-them; this is the single list of cm's keys (the loader, `cm config show`, campaign.toml.example and the README's
-table all follow it)."""
+"""cm's own settings: one class a table of campaign.toml, one field a key (see `keys`). `config` reads them; this is
+the single list of cm's keys (the loader, `cm config show`, campaign.toml.example and the README's table all follow
+it).
 
-from __future__ import annotations
+NamedTuples, and no `from __future__ import annotations`: every command loads this module, and a NamedTuple with
+its annotations as objects costs a tenth of a frozen dataclass to define.
+"""
 
-from dataclasses import dataclass
+from typing import Annotated, NamedTuple
 
 from campaign_manager.keys import Key, declared, key
 
 
-@dataclass(frozen=True)
-class DatabaseSettings:
-    url: str = key(
-        None,
-        env="CM_DATABASE_URL",
-        help="SQLite path or URL, or a postgresql:// URL",
-        example='"cm.db"  # default: $XDG_DATA_HOME/campaign-manager/cm.db',
-    )
+class DatabaseSettings(NamedTuple):
+    url: Annotated[
+        str,
+        key(
+            "SQLite path or URL, or a postgresql:// URL",
+            env="CM_DATABASE_URL",
+            example='"cm.db"  # default: $XDG_DATA_HOME/campaign-manager/cm.db',
+        ),
+    ] = ""  # not set: load_settings works it out (in the data folder)
 
 
-@dataclass(frozen=True)
-class QueueSettings:
-    url: str = key(
-        None,
-        env="CM_QUEUE_URL",
-        help="Huey storage: SQLite path or URL, postgresql:// or redis://",
-        example='"cm-queue.db"  # default: beside the database (SQLite) or in it (PostgreSQL)',
-    )
-    name: str = key("cm", env="CM_QUEUE_NAME", help="queue name, so that several databases can share one server")
+class QueueSettings(NamedTuple):
+    url: Annotated[
+        str,
+        key(
+            "Huey storage: SQLite path or URL, postgresql:// or redis://",
+            env="CM_QUEUE_URL",
+            example='"cm-queue.db"  # default: beside the database (SQLite) or in it (PostgreSQL)',
+        ),
+    ] = ""  # not set: load_settings works it out (from the database's)
+    name: Annotated[str, key("queue name, so that several databases can share one server", env="CM_QUEUE_NAME")] = "cm"
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    workers: int = key(1, env="CM_WORKER_WORKERS", help="threads of a long-running `cm worker`")
-    retries: int = key(3, env="CM_WORKER_RETRIES", help="times a failed job is retried before it is marked failed")
-    retry_delay: float = key(10.0, env="CM_WORKER_RETRY_DELAY", help="seconds before the first retry")
-    retry_backoff: float = key(2.0, env="CM_WORKER_RETRY_BACKOFF", help="each retry waits this many times longer")
-    lease_seconds: float = key(
-        60.0, env="CM_WORKER_LEASE_SECONDS", help="a running job not heard from this long is retaken"
-    )
+class WorkerSettings(NamedTuple):
+    workers: Annotated[int, key("threads of a long-running `cm worker`", env="CM_WORKER_WORKERS")] = 1
+    retries: Annotated[
+        int, key("times a failed job is retried before it is marked failed", env="CM_WORKER_RETRIES")
+    ] = 3
+    retry_delay: Annotated[float, key("seconds before the first retry", env="CM_WORKER_RETRY_DELAY")] = 10.0
+    retry_backoff: Annotated[float, key("each retry waits this many times longer", env="CM_WORKER_RETRY_BACKOFF")] = 2.0
+    lease_seconds: Annotated[
+        float, key("a running job not heard from this long is retaken", env="CM_WORKER_LEASE_SECONDS")
+    ] = 60.0
 
 
-@dataclass(frozen=True)
-class ImportSettings:
-    segment_rows: int = key(
-        0,
-        env="CM_IMPORT_SEGMENT_ROWS",
-        help="the most rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock"
-        " ~0.5 s)",
-    )
+class ImportSettings(NamedTuple):
+    segment_rows: Annotated[
+        int,
+        key(
+            "the most rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock"
+            " ~0.5 s)",
+            env="CM_IMPORT_SEGMENT_ROWS",
+        ),
+    ] = 0
 
 
-@dataclass(frozen=True)
-class JobsSettings:
-    keep_files_days: float = key(
-        7.0,
-        env="CM_JOBS_KEEP_FILES_DAYS",
-        help="days a finished, failed or cancelled job keeps its staged upload before workers purge it",
-    )
+class JobsSettings(NamedTuple):
+    keep_files_days: Annotated[
+        float,
+        key(
+            "days a finished, failed or cancelled job keeps its staged upload before workers purge it",
+            env="CM_JOBS_KEEP_FILES_DAYS",
+        ),
+    ] = 7.0
 
 
-@dataclass(frozen=True)
-class LogSettings:
-    level: str = key("warning", env="CM_LOG_LEVEL", help="debug, info, warning or error")
-    format: str = key("text", env="CM_LOG_FORMAT", help="text or json (one JSON object a line, on stderr)")
+class LogSettings(NamedTuple):
+    level: Annotated[str, key("debug, info, warning or error", env="CM_LOG_LEVEL")] = "warning"
+    format: Annotated[str, key("text or json (one JSON object a line, on stderr)", env="CM_LOG_FORMAT")] = "text"
 
 
 # table of campaign.toml -> its section. Settings has an attribute for each, named alike except `imports`
@@ -76,6 +82,5 @@ SECTIONS: dict[str, type] = {
     "jobs": JobsSettings,
     "log": LogSettings,
 }
-# Every key of cm's own tables, by dotted name: the loader, `cm config show`, the example file and the README
-# test all read this.
+# Every key of cm's own tables, by dotted name.
 KEYS: dict[str, Key] = {f"{table}.{k.name}": k for table, cls in SECTIONS.items() for k in declared(cls)}

@@ -39,6 +39,7 @@ from campaign_manager.errors import CmError, NotFound
 from campaign_manager.imports.csvfile import unquote_cells
 from campaign_manager.imports.parse import Batch
 from campaign_manager.jobs.runner import JobLost
+from campaign_manager.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class Backend:
         row = found.fetchone()
         if row is None:
             raise NotFound(f"job {self.job_id} no longer exists")
-        if self.claim is not None and tuple(row) != ("running", self.claim.worker, self.claim.attempts):
+        if self.claim is not None and tuple(row) != (JobStatus.RUNNING, self.claim.worker, self.claim.attempts):
             raise JobLost
         self._check_target(lock=self.key_share)
         self.lock_suppressions()

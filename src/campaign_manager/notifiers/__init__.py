@@ -4,17 +4,17 @@ A notifier delivers one rendered message to one recipient. Plugins are found thr
 `campaign_manager.notifiers`; the built-ins are declared in cm's own pyproject under the same group, so they
 load exactly like third-party ones. Loading is lazy and happens once per process.
 
-A notifier's settings are its table in campaign.toml, `[notifiers.NAME]`. It declares the keys it takes as a
-frozen dataclass, its `config_class`, one field a key (`campaign_manager.keys.key` gives each its help, its
-environment variable and whether it is a secret): cm refuses an unknown key or a value of the wrong type (exit 7),
-masks the secrets in `cm config show`, and hands the notifier an instance of that class.
+A notifier's settings are its table in campaign.toml, `[notifiers.NAME]`. It declares the keys it takes in a typed
+class, its `config_class` (a NamedTuple or a frozen dataclass), one field a key, annotated with `key()` (its help,
+its environment variable, whether it is a secret; see `campaign_manager.keys`): cm refuses an unknown key or a
+value of the wrong type (exit 7), masks the secrets in `cm config show`, and hands the notifier an instance.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from campaign_manager.keys import key as key  # for plugins: `from campaign_manager.notifiers import key`
 
@@ -36,8 +36,7 @@ class Message:
     idempotency_key: str = ""
 
 
-@dataclass(frozen=True)
-class NoKeys:
+class NoKeys(NamedTuple):
     """The settings of a notifier that declares none: any key in its table is refused."""
 
 
@@ -46,8 +45,7 @@ class Notifier(Protocol):
     """What a plugin implements. `name` is the entry-point name it was registered under."""
 
     name: str
-    # The keys of its table, [notifiers.NAME]: a frozen dataclass declared with `key()` (see the module's doc).
-    # Optional: a notifier without one takes no keys (NoKeys).
+    # The keys of its table, [notifiers.NAME] (see the module's doc). A notifier without one takes no keys.
     config_class: ClassVar[type]
 
     def __init__(self, config: Any) -> None:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
+from typing import Annotated, NamedTuple
 
 from campaign_manager.notifiers import Message, key
 
 
-@dataclass(frozen=True)
-class OutboxSettings:
+class OutboxSettings(NamedTuple):
     """[notifiers.outbox]"""
 
-    folder: Path = key(
-        Path("outbox"),
-        env="CM_NOTIFIERS_OUTBOX_FOLDER",
-        help="the folder each message is written to, as an .eml file (made if missing)",
-    )
+    folder: Annotated[
+        Path,
+        key(
+            "the folder each message is written to, as an .eml file (made if missing)", env="CM_NOTIFIERS_OUTBOX_FOLDER"
+        ),
+    ] = Path("outbox")
 
 
 class OutboxNotifier:
