@@ -76,6 +76,7 @@ class JobQueue(Huey):  # type: ignore[misc]
     run_job_task: Any
     health: Health
     display_url: str
+    outcomes: dict[str, str] | None = None  # message id -> what its task came to, while a drain collects them
 
 
 def queue_errors() -> tuple[type[BaseException], ...]:

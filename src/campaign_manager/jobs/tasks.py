@@ -6,7 +6,6 @@ worker stops it."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +37,16 @@ class _QuietRetries(logging.Filter):
 
 
 logging.getLogger("huey").addFilter(_QuietRetries())
-_outcome = threading.local()  # the outcome of the last task this thread ran, for the drain's report
 
 
-def clear_outcome() -> None:
-    _outcome.value = None
-
-
-def current_outcome() -> str | None:
-    """What the last task this thread ran came to (None: it did not run)."""
-    return getattr(_outcome, "value", None)
+def _note_outcome(huey: Any, task: Any, value: Any, exc: BaseException | None) -> None:
+    """Huey's post-execute hook: what a task came to, into `huey.outcomes` (by the message's id) while a drain
+    collects them (a long-running worker does not: None). A retry is raised, so it is known by its exception;
+    any other exception (the database out of reach, say) is ERROR."""
+    if huey.outcomes is None or not task.args:
+        return
+    raised = runner.RETRY if isinstance(exc, _RetryLater) else ERROR
+    huey.outcomes[task.id] = str(value) if exc is None else raised
 
 
 def define_task(huey: Any, settings: Settings) -> Any:
@@ -75,6 +74,7 @@ def define_task(huey: Any, settings: Settings) -> Any:
             options=options,
         )
 
+    huey.post_execute(name="outcomes")(lambda task, value, exc: _note_outcome(huey, task, value, exc))
     return run_job_task
 
 
@@ -93,7 +93,6 @@ def _run(
     lease: float,
     options: dict[str, Any],
 ) -> str:
-    _outcome.value = ERROR
     deadline = time.monotonic() + NOT_YET_SAVED_S
     while True:
         try:
@@ -113,7 +112,6 @@ def _run(
                 time.sleep(0.2)
                 continue
             log.warning("job %d does not exist; its queue message is dropped", job_id)
-            _outcome.value = runner.SKIPPED
             return runner.SKIPPED
         except db.DatabaseGone as exc:
             health.stop_for(exc)
@@ -133,7 +131,6 @@ def _run(
         raise RetryTask(delay=health.database.failed(None))
     health.database.succeeded()
     _log_end(attempt)
-    _outcome.value = attempt.outcome
     if attempt.outcome == runner.RETRY:
         raise _RetryLater(attempt.job.error)
     return attempt.outcome
