@@ -19,7 +19,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from campaign_manager.config import Settings
 
 from campaign_manager.db import DatabaseGone, is_unavailable, open_session
 from campaign_manager.errors import CmError
@@ -279,6 +284,23 @@ def run_in_foreground(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return attempt, interrupt.signum
+
+
+def job_options(settings: Settings) -> dict[str, Any]:
+    """The settings a job's handler may read (current_option), for attempt_job's `options`."""
+    return {key: settings.get(key) for key in OPTION_KEYS}
+
+
+def run_now(
+    settings: Settings, save: Callable[[Session], Job], *, progress: Progress | None = None
+) -> tuple[Attempt, int]:
+    """`--wait`: save a job (`save(session)` creates it and stages its input, committed on its own) and run it
+    here with run_in_foreground. Returns the attempt and the signal that stopped it (0: none)."""
+    with open_session(settings.database_url, create=settings.database_is_default) as session:
+        job_id = int(save(session).id or 0)
+    return run_in_foreground(
+        settings.database_url, job_id, worker="cm --wait", progress=progress, options=job_options(settings)
+    )
 
 
 def _read(url: str, job_id: int) -> Job:

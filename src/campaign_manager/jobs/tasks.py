@@ -53,7 +53,7 @@ def define_task(huey: Any, settings: Settings) -> Any:
     url = settings.database_url
     retries = int(settings.get("worker.retries"))
     lease = float(settings.get("worker.lease_seconds"))
-    options = {key: settings.get(key) for key in runner.OPTION_KEYS}
+    options = runner.job_options(settings)
 
     @huey.task(  # type: ignore[untyped-decorator]  # huey ships no type hints
         retries=retries,
