@@ -118,6 +118,21 @@ def email_key(normalized: str) -> str:
     return normalized.lower()
 
 
+def email_keys(addresses: list[str]) -> list[str]:
+    """`email_key` of many addresses at once (an import's batch), normalized or plain as written (PLAIN_ADDRESS):
+    the key folds case, and the normalization of a plain address only lowercases its domain, so both have the same
+    key."""
+    return [address.lower() for address in addresses]
+
+
+def sql_plain_normalized(column: str, find: str) -> str:
+    """The normalization of a plain address (one PLAIN_ADDRESS fullmatches) as a SQL expression over `column`:
+    email-validator's result for it is the address with its domain lowercased. `find` is the database's
+    position-of-substring function (`instr` on SQLite, `strpos` on PostgreSQL)."""
+    at = f"{find}({column}, '@')"
+    return f"substr({column}, 1, {at}) || lower(substr({column}, {at} + 1))"
+
+
 def email_hash(key: str) -> str:
     """What a forgotten address leaves behind (consent.forget): the SHA-256 of its key."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()

@@ -1,9 +1,16 @@
-"""The consent rules, in one place: every path that creates, adds or mails recipients asks here.
+"""The consent rules, in one place: every path that creates, adds, reactivates or mails recipients asks here.
 
-- An opted-out person stays opted out until an explicit `opt_in`; nothing else reactivates them.
+- An address may be added (created if new, put in a group or a campaign's audience) only while it is neither
+  forgotten nor held by a recipient who is not active (`may_add`; in SQL `sql_may_add`). An opted-out person stays
+  opted out: imports, creates and updates never reactivate anyone. Only the paths in REACTIVATION_PATHS do.
+- Only an active recipient is mailed (`mailable`, `may_mail`).
 - A forgotten person is erased; only the SHA-256 of their email key is kept, in `suppression`, and an address
-  with that hash can never be created, imported or mailed again.
+  with that hash can never be created, imported or mailed again. No other module reads or writes `suppression`,
+  and no other module writes a recipient's status: new recipients are made by `new_recipient`.
 - Every opt-out, opt-in and erasure is appended to `consent_event` with its time, reason and source.
+
+tests/test_consent_paths.py gives every write path an opted-out and a forgotten address, checks that no module
+but this one writes a status or reads `suppression`, and that `sql_may_add` and `may_add` agree.
 """
 
 from __future__ import annotations
@@ -30,10 +37,77 @@ from campaign_manager.states import ConsentAction, RecipientStatus
 
 log = logging.getLogger(__name__)
 
+# Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable).
+# Later paths (an authenticated API opt-in, the person's own signed undo, a confirmed double opt-in) are added
+# here, and each calls `opt_in` or `opt_in_forgotten`.
+REACTIVATION_PATHS = ("cm recipient opt-in",)
+
+# Why an address may not be added (what `may_add` returns; `cm group add-recipients` shows it).
+FORGOTTEN_REASON, OPTED_OUT_REASON = "forgotten on request", "opted out"
+
+
+def may_add(status: str | None, *, forgotten: bool) -> str | None:
+    """May an address be added (created if new, linked to a group or a campaign's audience)? `status` is its
+    recipient's (None: there is none yet). None when it may; otherwise the reason it may not. Nothing here
+    reactivates anyone: a recipient who is not active stays out."""
+    if forgotten:
+        return FORGOTTEN_REASON
+    if status is not None and status != RecipientStatus.ACTIVE:
+        return OPTED_OUT_REASON
+    return None
+
+
+def may_mail(status: str) -> bool:
+    """Only an active recipient is mailed (`mailable` is the same rule in SQL)."""
+    return status == RecipientStatus.ACTIVE
+
 
 def mailable() -> ColumnElement[bool]:
     """The SQL condition every audience query uses: only active recipients may be mailed."""
     return col(Recipient.status) == RecipientStatus.ACTIVE
+
+
+def sql_may_add(status: str, gone: str) -> str:
+    """`may_add` as a SQL condition, for set-based paths (imports; sending): `status` is an expression for the
+    recipient's status (NULL when there is none yet, as from a LEFT JOIN), `gone` one that is 1 when the address
+    is forgotten and 0 when not."""
+    return f"({gone} = 0 AND ({status} IS NULL OR {status} = '{RecipientStatus.ACTIVE}'))"
+
+
+# The status a recipient made by a set-based path (an import) gets, as a SQL literal.
+SQL_NEW_STATUS = f"'{RecipientStatus.ACTIVE}'"
+
+
+def sql_forgotten_since() -> str:
+    """A query for the hashes of addresses forgotten since its one parameter (a time): imports ask it once a
+    segment, for people forgotten while they run."""
+    return "SELECT email_hash FROM suppression WHERE created_at >= ?"
+
+
+def sql_hold_forgetting() -> str:
+    """PostgreSQL: a statement that keeps any `forget` from committing until this transaction ends (a SHARE lock
+    on `suppression`, which conflicts with the lock its insert takes): an import segment takes it before it
+    writes recipients, so what it read of `suppression` stays true until it commits."""
+    return "LOCK TABLE suppression IN SHARE MODE"
+
+
+def new_recipient(
+    email: str,
+    key: str,
+    *,
+    name: str | None = None,
+    phone: str | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> Recipient:
+    """A new, active recipient (not yet added to the session). The caller has asked `may_add` first."""
+    return Recipient(
+        email=email,
+        email_key=key,
+        name=name,
+        phone=phone,
+        attributes=dict(attributes or {}),
+        status=RecipientStatus.ACTIVE,
+    )
 
 
 def is_forgotten(session: Session, key: str) -> bool:
@@ -119,16 +193,21 @@ def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source
     return True
 
 
-def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source: str) -> bool:
-    """Lift an erasure for an address the person gives again (they asked to come back)."""
+def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source: str) -> Recipient | None:
+    """Lift an erasure for an address the person gives again (they asked to come back): the address becomes a
+    new, active recipient with nothing of the old data. None if the address was not forgotten."""
     limits.check("the reason", reason, limits.REASON)
-    key = email_key(normalize_email(email))
+    normalized = normalize_email(email)
+    key = email_key(normalized)
     row = session.get(Suppression, email_hash(key))
     if row is None:
-        return False
+        return None
     session.delete(row)
     _record(session, key=key, recipient_id=None, action=ConsentAction.OPT_IN, reason=reason, source=source)
-    return True
+    recipient = new_recipient(normalized, key)
+    session.add(recipient)
+    session.flush()
+    return recipient
 
 
 def forget(session: Session, key: str, *, recipient: Recipient | None, source: str) -> tuple[str, bool]:

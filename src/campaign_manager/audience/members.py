@@ -14,7 +14,6 @@ from campaign_manager.audience.addresses import check_email, email_key
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.recipients import find_recipient
 from campaign_manager.models import GroupMember, Recipient
-from campaign_manager.states import RecipientStatus
 
 
 class MemberOutcome(StrEnum):
@@ -54,19 +53,18 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
             result["outcome"] = MemberOutcome.DUPLICATE
             continue
         seen.add(key)
-        # One lookup an address (they are a handful), not a set of every erased address (there may be millions).
-        if consent.is_forgotten(session, key):
-            result.update(outcome=MemberOutcome.SUPPRESSED, reason="forgotten on request")
-            continue
         recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
+        # One lookup an address (they are a handful), not a set of every erased address (there may be millions).
+        status = None if recipient is None else recipient.status
+        refusal = consent.may_add(status, forgotten=consent.is_forgotten(session, key))
+        if refusal is not None:
+            result.update(outcome=MemberOutcome.SUPPRESSED, reason=refusal)
+            continue
         if recipient is None:
-            recipient = Recipient(email=normalized, email_key=key)
+            recipient = consent.new_recipient(normalized, key)
             session.add(recipient)
             session.flush()
             result["outcome"] = MemberOutcome.CREATED
-        elif recipient.status == RecipientStatus.OPTED_OUT:
-            result.update(outcome=MemberOutcome.SUPPRESSED, reason="opted out")
-            continue
         elif session.get(GroupMember, (group.id, recipient.id)) is not None:
             result["outcome"] = MemberOutcome.ALREADY_MEMBER
             continue

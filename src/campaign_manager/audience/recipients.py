@@ -23,7 +23,6 @@ from campaign_manager.models import (
     Recipient,
     utcnow,
 )
-from campaign_manager.states import RecipientStatus
 
 
 def find_recipient(session: Session, ref: str | int) -> Recipient | None:
@@ -34,7 +33,7 @@ def find_recipient(session: Session, ref: str | int) -> Recipient | None:
     try:
         key = email_key(normalize_email(text))
     except InvalidInput:
-        key = text.lower()
+        key = email_key(text)
     return session.exec(select(Recipient).where(Recipient.email_key == key)).first()
 
 
@@ -71,7 +70,7 @@ def create_recipient(
     key = email_key(normalized)
     name, phone, attributes = _clean_name(name), _clean_phone(phone), limits.check_attributes(attributes)
     existing = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
-    if existing is not None and existing.status == RecipientStatus.OPTED_OUT:
+    if existing is not None and consent.may_add(existing.status, forgotten=False) is not None:
         raise ConsentError(
             f"{existing.email} opted out (id {existing.id}); creating it again would not make it active",
             hint="only `cm recipient opt-in` does that",
@@ -82,7 +81,7 @@ def create_recipient(
         )
     consent.refuse_if_forgotten(session, key)
     targets = [get_group(session, ref) for ref in groups]
-    recipient = Recipient(email=normalized, email_key=key, name=name, phone=phone, attributes=attributes)
+    recipient = consent.new_recipient(normalized, key, name=name, phone=phone, attributes=attributes)
     session.add(recipient)
     session.flush()
     for group in targets:
@@ -201,10 +200,8 @@ def opt_in_address(session: Session, ref: str, *, reason: str | None, source: st
     recipient = find_recipient(session, ref)
     if recipient is not None:
         return recipient, consent.opt_in(session, recipient, reason=reason, source=source)
-    if not ref.strip().isdigit() and consent.opt_in_forgotten(session, ref, reason=reason, source=source):
-        normalized = normalize_email(ref)
-        recipient = Recipient(email=normalized, email_key=email_key(normalized))
-        session.add(recipient)
-        session.flush()
-        return recipient, True
+    if not ref.strip().isdigit():
+        recipient = consent.opt_in_forgotten(session, ref, reason=reason, source=source)
+        if recipient is not None:
+            return recipient, True
     raise NotFound(f"no recipient {ref!r}", hint="see `cm recipient list`")

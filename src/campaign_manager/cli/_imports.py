@@ -69,14 +69,10 @@ def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str
     from campaign_manager.jobs import records, runner
     from campaign_manager.states import JobStatus
 
-    st = state(ctx)
-    with st.session() as session:
-        job_id = int(stage(session).id or 0)
-    with progress_bar(ctx, f"importing (job {job_id})") as update:
-        attempt, signum = runner.run_in_foreground(
-            st.settings.database_url, job_id, worker="cm --wait", progress=update, settings=st.settings
-        )
+    with progress_bar(ctx, "importing") as update:
+        attempt, signum = runner.run_now(state(ctx).settings, stage, progress=update)
     data = records.describe_job(attempt.job)
+    job_id = data["id"]
     if signum and data["status"] == JobStatus.CANCELLED:
         added = data["counts"].get("added", 0)
         what = f"the {added:,} recipients it added are kept" if data["counts"] else "nothing was applied"

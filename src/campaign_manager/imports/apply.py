@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from campaign_manager.audience.addresses import check_email, email_hash
+from campaign_manager.audience import consent
+from campaign_manager.audience.addresses import check_email, email_hash, email_key, sql_plain_normalized
 from campaign_manager.errors import CmError, NotFound
 from campaign_manager.imports.csvfile import unquote_cells
 from campaign_manager.imports.parse import Batch
@@ -261,7 +262,7 @@ class Backend:
         if self.claim is not None and tuple(row) != (JobStatus.RUNNING, self.claim.worker, self.claim.attempts):
             raise JobLost
         self._check_target(lock=self.key_share)
-        self.lock_suppressions()
+        self.hold_forgetting()
 
     def _check_target(self, *, lock: str = "") -> None:
         """The group or campaign the import fills still exists (a permanent failure if not: no retry brings it
@@ -276,7 +277,7 @@ class Backend:
         """People forgotten since this import started: their staged rows at positions first..last count as
         suppressed, and their rejected rows are not stored (the usual case: nobody was, and this is one query)."""
         since = self.timestamp(self.forgotten_at - timedelta(minutes=5))  # clocks of other machines may differ
-        found = {h for (h,) in self.sql("SELECT email_hash FROM suppression WHERE created_at >= ?", (since,))}
+        found = {h for (h,) in self.sql(consent.sql_forgotten_since(), (since,))}
         self.late |= found - self.forgotten
         if not self.late or first > last:
             return
@@ -291,7 +292,7 @@ class Backend:
         if len(fields) <= layout["email_index"]:
             return False
         normalized, reason = check_email(unquote_cells([fields[layout["email_index"]]])[0])
-        return reason is None and email_hash(normalized.lower()) in self.late
+        return reason is None and email_hash(email_key(normalized)) in self.late
 
     def _apply_rows(self, first: int, last: int, applied: dict[str, int]) -> None:
         """Count, create and add the rows at positions first..last, into `applied`."""
@@ -299,7 +300,7 @@ class Backend:
         # One pass for the counts. An import changes no one's status: who is opted out now was opted out before.
         rows, distinct, suppressed = self.sql(
             "SELECT count(*), count(DISTINCT u.key),"
-            " count(DISTINCT CASE WHEN u.gone = 1 OR r.status = 'opted_out' THEN u.key END)"
+            f" count(DISTINCT CASE WHEN NOT {consent.sql_may_add('r.status', 'u.gone')} THEN u.key END)"
             f" FROM cm_sorted u LEFT JOIN recipient r ON r.email_key = u.key WHERE {in_range}"
         ).fetchone()
         attrs = self.attributes
@@ -307,7 +308,8 @@ class Backend:
             applied["updated"] += self._update_existing(in_range, attrs)
         applied["created"] += self.sql(
             "INSERT INTO recipient (email, email_key, name, phone, attributes, status, created_at, updated_at)"
-            f" SELECT {self.normalized_email}, u.key, u.name, NULL, {attrs}, 'active', ?, ? FROM cm_sorted u"
+            f" SELECT {self.normalized_email}, u.key, u.name, NULL, {attrs}, {consent.SQL_NEW_STATUS}, ?, ?"
+            " FROM cm_sorted u"
             f" WHERE {in_range} AND u.gone = 0 ORDER BY u.{self.pos} ON CONFLICT (email_key) DO NOTHING",
             (self.now, self.now),
         ).rowcount
@@ -321,7 +323,8 @@ class Backend:
             params = (target["id"],)
         added = self.sql(
             f"{link} FROM cm_sorted u JOIN recipient r ON r.email_key = u.key"
-            f" WHERE {in_range} AND u.gone = 0 AND r.status = 'active' ORDER BY u.{self.pos} ON CONFLICT DO NOTHING",
+            f" WHERE {in_range} AND {consent.sql_may_add('r.status', 'u.gone')} ORDER BY u.{self.pos}"
+            " ON CONFLICT DO NOTHING",
             params,
         ).rowcount
         applied["added"] += added
@@ -333,9 +336,8 @@ class Backend:
     def normalized_email(self) -> str:
         """An address staged without email is its key. A plain (ASCII) address is staged as written;
         email-validator's normalization of it is the domain lowercased. Others were staged normalized."""
-        at = f"{self.find}(u.email, '@')"
-        domain_lowered = f"substr(u.email, 1, {at}) || lower(substr(u.email, {at} + 1))"
-        return f"CASE WHEN u.email IS NULL THEN u.key WHEN u.normalized = 1 THEN u.email ELSE {domain_lowered} END"
+        plain = sql_plain_normalized("u.email", self.find)
+        return f"CASE WHEN u.email IS NULL THEN u.key WHEN u.normalized = 1 THEN u.email ELSE {plain} END"
 
     def _update_existing(self, in_range: str, attrs: str) -> int:
         """--update-existing: overwrite the stored name and attributes of active recipients that were there before
@@ -347,7 +349,7 @@ class Backend:
         return int(
             self.sql(
                 f"UPDATE recipient SET name = {new_name}, attributes = {new_attrs}{self.to_json}, updated_at = ?"
-                f" FROM {first} u WHERE recipient.email_key = u.key AND recipient.status = 'active'"
+                f" FROM {first} u WHERE recipient.email_key = u.key AND {consent.sql_may_add('recipient.status', '0')}"
                 f" AND (recipient.name {self.differs} {new_name} OR {old_attrs} {self.differs} {new_attrs})",
                 (self.now,),
             ).rowcount
@@ -425,7 +427,7 @@ class Backend:
         its start time."""
         return time.perf_counter()
 
-    def lock_suppressions(self) -> None:
+    def hold_forgetting(self) -> None:
         """Keep `forget` out until the transaction commits (SQLite's write lock already does)."""
 
     def checkpoint(self) -> None:

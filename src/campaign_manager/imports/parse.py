@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import IO, Any, NamedTuple
 
 from campaign_manager import limits
-from campaign_manager.audience.addresses import PLAIN_ADDRESS, check_email, email_hash
+from campaign_manager.audience.addresses import PLAIN_ADDRESS, check_email, email_hash, email_keys
 from campaign_manager.errors import InvalidInput
 from campaign_manager.imports.csvfile import (
     CsvLayout,
@@ -95,7 +95,7 @@ class Parser:
         columns = [(key, unquote_cells([r[i] for r in rows])) for i, key in layout.attributes]
         for key, cells in columns:
             _too_long(problems, f"attribute {key[:40]!r}", cells, limits.ATTRIBUTE_VALUE)
-        keys = [e.lower() for e in emails]
+        keys = email_keys(emails)
         # Most addresses are already lowercase: stage no second copy of those (SQL takes the key).
         stored = [None if e == k else e for e, k in zip(emails, keys, strict=True)]
         gone = [1 if email_hash(k) in forgotten else 0 for k in keys] if forgotten else [0] * len(keys)

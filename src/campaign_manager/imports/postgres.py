@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from campaign_manager.audience import consent
 from campaign_manager.imports.apply import Backend
 
 
@@ -31,11 +32,11 @@ class PostgresBackend(Backend):
         self.sql("SET temp_buffers = '256MB'")
         self.sql("SET work_mem = '64MB'")
 
-    def lock_suppressions(self) -> None:
+    def hold_forgetting(self) -> None:
         # SHARE conflicts with the ROW EXCLUSIVE a `forget` takes to insert its suppression: this waits for a
         # forget in progress, and one that starts now waits for this segment. What the segment reads of
         # `suppression` after this is what stays true until it commits.
-        self.sql("LOCK TABLE suppression IN SHARE MODE")
+        self.sql(consent.sql_hold_forgetting())
 
     def insert_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         names = f" ({', '.join(columns)})" if columns else ""

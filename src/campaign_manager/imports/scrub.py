@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from campaign_manager.audience.addresses import check_email
+from campaign_manager.audience.addresses import check_email, email_key
 from campaign_manager.imports.csvfile import CsvLayout, read_records, unquote_cells
 from campaign_manager.models import ImportReject, Job, JobFile
 
@@ -103,7 +103,7 @@ def _rows_of(chunks: Iterator[bytes], layout: CsvLayout, key: str) -> dict[int, 
             if address.lower() != key and key.rpartition("@")[0] not in address.lower():
                 continue
             normalized, reason = check_email(address)
-            if reason is None and normalized.lower() == key:
+            if reason is None and email_key(normalized) == key:
                 found[line] = line + sum(f.count("\n") + f.count("\r") - f.count("\r\n") for f in row)
     return found
 

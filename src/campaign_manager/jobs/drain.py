@@ -17,7 +17,7 @@ from campaign_manager import db
 from campaign_manager.errors import CmError, DatabaseError, QueueError
 from campaign_manager.jobs import leases, records, retention, runner
 from campaign_manager.jobs.queue import JobQueue, close_huey, get_huey, probe, queue_errors, send_message, unreachable
-from campaign_manager.jobs.tasks import DrainOutcome, TaskOutcome, clear_outcome, current_outcome
+from campaign_manager.jobs.tasks import DrainOutcome, TaskOutcome
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
@@ -115,6 +115,7 @@ def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> Drain
     db.ensure_schema(settings.database_url, create=settings.database_is_default)
     huey = get_huey(settings, blocking=False)
     report, lock, stop = DrainReport(), threading.Lock(), huey.health.stop
+    huey.outcomes = {}
     try:
         probe(huey)
         report.recovered = recover_jobs(settings, huey)
@@ -170,7 +171,6 @@ def _drain_loop(huey: JobQueue, report: DrainReport, lock: threading.Lock) -> No
         except Exception:
             log.exception("dropped a queue message that cannot be read")
             continue
-        clear_outcome()  # stays None unless the task runs (Huey re-schedules a task whose time has not come)
         try:
             huey.execute(task)
         except queue_errors() as exc:
@@ -178,7 +178,8 @@ def _drain_loop(huey: JobQueue, report: DrainReport, lock: threading.Lock) -> No
             with lock:
                 report.queue_error = report.queue_error or unreachable(huey.display_url, exc)
             health.stop.set()
-        outcome = current_outcome()
+        # None unless the task ran (Huey puts a task whose time has not come back in the schedule).
+        outcome = huey.outcomes.pop(task.id, None) if huey.outcomes is not None else None
         if task.args and outcome is not None:
             with lock:
                 report.outcomes[int(task.args[0])] = outcome

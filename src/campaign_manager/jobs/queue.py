@@ -20,7 +20,7 @@ from campaign_manager.config import mask
 from campaign_manager.errors import QueueError
 from campaign_manager.files import create_private
 from campaign_manager.jobs.health import Health, first_line
-from campaign_manager.jobs.tasks import define_task
+from campaign_manager.jobs.tasks import DrainOutcome, define_task
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -76,6 +76,7 @@ class JobQueue(Huey):  # type: ignore[misc]
     run_job_task: Any
     health: Health
     display_url: str
+    outcomes: dict[str, DrainOutcome] | None = None  # message id -> what its task came to, while a drain collects
 
 
 def queue_errors() -> tuple[type[BaseException], ...]:

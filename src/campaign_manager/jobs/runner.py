@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from campaign_manager.config import Settings
+
 from campaign_manager.db import DatabaseGone, is_unavailable, open_session
 from campaign_manager.errors import CmError
 from campaign_manager.jobs.leases import (
@@ -38,9 +43,6 @@ from campaign_manager.jobs.leases import (
 from campaign_manager.jobs.records import Progress, get_handler, get_job, write
 from campaign_manager.models import Job, utcnow
 from campaign_manager.states import JobStatus
-
-if TYPE_CHECKING:
-    from campaign_manager.config import Settings
 
 
 class Outcome(StrEnum):
@@ -281,6 +283,16 @@ def run_in_foreground(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return attempt, interrupt.signum
+
+
+def run_now(
+    settings: Settings, save: Callable[[Session], Job], *, progress: Progress | None = None
+) -> tuple[Attempt, int]:
+    """`--wait`: save a job (`save(session)` creates it and stages its input, committed on its own) and run it
+    here with run_in_foreground. Returns the attempt and the signal that stopped it (0: none)."""
+    with open_session(settings.database_url, create=settings.database_is_default) as session:
+        job_id = int(save(session).id or 0)
+    return run_in_foreground(settings.database_url, job_id, worker="cm --wait", progress=progress, settings=settings)
 
 
 def _read(url: str, job_id: int) -> Job:

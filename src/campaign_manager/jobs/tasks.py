@@ -6,7 +6,6 @@ worker stops it."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ class TaskOutcome(StrEnum):
     ERROR = "error"  # the task itself failed, before or around an attempt (the database was unreachable, say)
 
 
-DrainOutcome = runner.Outcome | TaskOutcome  # what `current_outcome` and a drain's report hold for a job
+DrainOutcome = runner.Outcome | TaskOutcome  # what a task came to, as a drain reports it for its job
 
 
 class _RetryLater(Exception):
@@ -46,16 +45,16 @@ class _QuietRetries(logging.Filter):
 
 
 logging.getLogger("huey").addFilter(_QuietRetries())
-_outcome = threading.local()  # the outcome of the last task this thread ran, for the drain's report
 
 
-def clear_outcome() -> None:
-    _outcome.value = None
-
-
-def current_outcome() -> DrainOutcome | None:
-    """What the last task this thread ran came to (None: it did not run)."""
-    return getattr(_outcome, "value", None)
+def _note_outcome(huey: Any, task: Any, value: DrainOutcome, exc: BaseException | None) -> None:
+    """Huey's post-execute hook: what a task came to, into `huey.outcomes` (by the message's id) while a drain
+    collects them (a long-running worker does not: None). A retry is raised, so it is known by its exception;
+    any other exception (the database out of reach, say) is ERROR."""
+    if huey.outcomes is None or not task.args:
+        return
+    raised = runner.Outcome.RETRY if isinstance(exc, _RetryLater) else TaskOutcome.ERROR
+    huey.outcomes[task.id] = value if exc is None else raised
 
 
 def define_task(huey: Any, settings: Settings) -> Any:
@@ -81,6 +80,7 @@ def define_task(huey: Any, settings: Settings) -> Any:
             settings=settings,
         )
 
+    huey.post_execute(name="outcomes")(lambda task, value, exc: _note_outcome(huey, task, value, exc))
     return run_job_task
 
 
@@ -99,7 +99,6 @@ def _run(
     lease: float,
     settings: Settings,
 ) -> DrainOutcome:
-    _outcome.value = TaskOutcome.ERROR
     deadline = time.monotonic() + NOT_YET_SAVED_S
     while True:
         try:
@@ -119,7 +118,6 @@ def _run(
                 time.sleep(0.2)
                 continue
             log.warning("job %d does not exist; its queue message is dropped", job_id)
-            _outcome.value = runner.Outcome.SKIPPED
             return runner.Outcome.SKIPPED
         except db.DatabaseGone as exc:
             health.stop_for(exc)
@@ -139,7 +137,6 @@ def _run(
         raise RetryTask(delay=health.database.failed(None))
     health.database.succeeded()
     _log_end(attempt)
-    _outcome.value = attempt.outcome
     if attempt.outcome == runner.Outcome.RETRY:
         raise _RetryLater(attempt.job.error)
     return attempt.outcome
