@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from campaign_manager.audience import consent
+from campaign_manager.audience import recipients
 from campaign_manager.db import open_session
 
 
@@ -25,7 +25,7 @@ def main() -> int:
     while not stop.exists() and (not limit or len(latencies) < limit):
         started = time.perf_counter()
         with open_session(database) as session:
-            consent.opt_out(session, f"probe{time.time_ns()}@example.org", reason=None, source="bench")
+            recipients.opt_out_address(session, f"probe{time.time_ns()}@example.org", reason=None, source="bench")
         latencies.append(time.perf_counter() - started)
         time.sleep(0.05)
     print(json.dumps(latencies))

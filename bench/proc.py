@@ -49,8 +49,11 @@ def cm() -> str:
 
 def isolated_env(home: Path) -> dict[str, str]:
     """The environment for `cm` runs: no CM_* settings and XDG folders inside home, so a user's config or
-    database is never read or touched."""
+    database is never read or touched; bytecode may be written, as for any installed program."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    # An installed cm runs from compiled bytecode; where PYTHONDONTWRITEBYTECODE is set (some sandboxes and CI
+    # images set it) every run would compile cm's modules from source again, and time that.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["XDG_CONFIG_HOME"] = str(home / "config")
     env["XDG_DATA_HOME"] = str(home / "data")
     return env

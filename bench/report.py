@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Unit = Literal["ms", "rows/s", "MB", "s"]
+Unit = Literal["ms", "rows/s", "MB", "s", "x"]  # x: a ratio to a floor
 
 
 @dataclass(frozen=True)
@@ -97,4 +97,6 @@ def fmt(value: float, unit: Unit) -> str:
         return f"{value:.1f} ms"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:.1f} MB"

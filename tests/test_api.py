@@ -23,7 +23,7 @@ def test_the_documented_example_runs(tmp_path: Path) -> None:
     with api.open_session(settings.database_url) as session:
         api.create_group(session, "newsletter")
         added = api.add_recipients(session, "newsletter", ["ada@example.com"])
-        api.opt_out(session, "bob@example.com", reason="asked by phone", source="crm")
+        api.opt_out_address(session, "bob@example.com", reason="asked by phone", source="crm")
     assert [item["outcome"] for item in added] == ["created"]
 
     job = api.submit_job(settings, lambda s: api.stage_import(s, str(csv_file), group="newsletter"))

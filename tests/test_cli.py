@@ -169,7 +169,8 @@ def test_a_new_option_gets_a_metavar_from_its_name_or_type() -> None:
         """
 
     group = build("thing", thing)
-    names = {p.name: p.metavar for p in group.commands["make"].params}
+    make_command = group.get_command(typer.Context(group, info_name="thing"), "make")  # made as it is asked for
+    names = {p.name: p.metavar for p in make_command.params}
     assert names == {
         "ref": "ID",
         "count": "N",
@@ -183,7 +184,7 @@ def test_a_new_option_gets_a_metavar_from_its_name_or_type() -> None:
         "dry_run": None,
         "loud": None,
     }
-    help_text = group.commands["make"].get_help(typer.Context(group.commands["make"], info_name="make"))
+    help_text = make_command.get_help(typer.Context(make_command, info_name="make"))
     assert not BOX.search(help_text) and not TYPE_METAVAR.search(help_text)
     assert "--tag TEXT" in help_text and re.search(r"--loud / --quiet +Volume", help_text)
 

@@ -21,13 +21,8 @@ from sqlmodel import select
 
 from campaign_manager import db
 from campaign_manager.audience import consent
-from campaign_manager.audience.addresses import (
-    PLAIN_ADDRESS,
-    email_hash,
-    email_key,
-    normalize_email,
-    sql_plain_normalized,
-)
+from campaign_manager.audience.address_keys import email_hash, email_key
+from campaign_manager.audience.addresses import PLAIN_ADDRESS, normalize_email, sql_plain_normalized
 from campaign_manager.models import Recipient
 from campaign_manager.states import RecipientStatus
 from conftest import Run

@@ -18,7 +18,8 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from campaign_manager.audience.addresses import PLAIN_ADDRESS, _fast_normalize, check_email, email_key, normalize_email
+from campaign_manager.audience.address_keys import email_key
+from campaign_manager.audience.addresses import PLAIN_ADDRESS, _fast_normalize, check_email, normalize_email
 from campaign_manager.errors import InvalidInput
 
 T = TypeVar("T")

@@ -7,7 +7,7 @@ few of them) over a session, and the CLI adds nothing but parsing and printing.
     with api.open_session(settings.database_url) as session:    # one transaction, committed on success
         api.create_group(session, "newsletter")
         api.add_recipients(session, "newsletter", ["ada@example.com"])
-        api.opt_out(session, "bob@example.com", reason="asked by phone", source="crm")
+        api.opt_out_address(session, "bob@example.com", reason="asked by phone", source="crm")
 
     job = api.submit_job(settings, lambda s: api.stage_import(s, "people.csv", group="newsletter"))
     api.drain(settings)                                 # what `cm worker --drain` does
@@ -47,6 +47,7 @@ from campaign_manager.audience.recipients import (
     forget_recipient,
     get_recipient,
     opt_in_address,
+    opt_out_address,
     update_recipient,
 )
 from campaign_manager.config import Settings, load_settings
@@ -105,6 +106,7 @@ __all__ = [
     "opt_in",
     "opt_in_address",
     "opt_out",
+    "opt_out_address",
     "remove_recipients",
     "retry_job",
     "run_in_foreground",

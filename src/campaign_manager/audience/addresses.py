@@ -7,11 +7,12 @@ shape, so `_fast_normalize` recognizes that shape with one precompiled regex and
 email-validator would. Anything it is not certain about goes to email-validator, which also produces the
 reason text for invalid addresses. tests/test_emails.py checks with property-based tests that the result is
 identical to email-validator's.
+
+An address's key and hash (what identifies it once normalized) are in `address_keys`, which needs none of this.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import email_validator
@@ -23,6 +24,7 @@ from email_validator import EmailNotValidError, validate_email
 # startup instead of silently normalizing differently.)
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
+from campaign_manager.audience.address_keys import Address, email_key
 from campaign_manager.errors import InvalidInput
 
 _ROLE_NAMES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
@@ -113,18 +115,6 @@ def check_email(raw: str) -> tuple[str, str | None]:
         return "", str(exc)
 
 
-def email_key(normalized: str) -> str:
-    """The case-insensitive identity of a normalized address, used for uniqueness."""
-    return normalized.lower()
-
-
-def email_keys(addresses: list[str]) -> list[str]:
-    """`email_key` of many addresses at once (an import's batch), normalized or plain as written (PLAIN_ADDRESS):
-    the key folds case, and the normalization of a plain address only lowercases its domain, so both have the same
-    key."""
-    return [address.lower() for address in addresses]
-
-
 def sql_plain_normalized(column: str, find: str) -> str:
     """The normalization of a plain address (one PLAIN_ADDRESS fullmatches) as a SQL expression over `column`:
     email-validator's result for it is the address with its domain lowercased. `find` is the database's
@@ -133,15 +123,15 @@ def sql_plain_normalized(column: str, find: str) -> str:
     return f"substr({column}, 1, {at}) || lower(substr({column}, {at} + 1))"
 
 
-def email_hash(key: str) -> str:
-    """What a forgotten address leaves behind (consent.forget): the SHA-256 of its key."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
 def normalize_email(raw: str) -> str:
     """Like check_email, but raises InvalidInput with the reason when the address is invalid."""
     normalized, reason = check_email(raw)
     if reason is not None:
-        # Imported lazily so this module stays importable on its own, free of package import cycles.
         raise InvalidInput(f"invalid email {raw.strip()!r}: {reason}")
     return normalized
+
+
+def parse_address(raw: str) -> Address:
+    """`raw` normalized (normalize_email, which raises InvalidInput with the reason) and keyed."""
+    normalized = normalize_email(raw)
+    return Address(normalized, email_key(normalized))

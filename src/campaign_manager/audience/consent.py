@@ -22,9 +22,9 @@ from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, delete, select, update
 
 from campaign_manager import limits
-from campaign_manager.audience.addresses import email_hash as email_hash  # the hash a forgotten address leaves
-from campaign_manager.audience.addresses import email_key, normalize_email
-from campaign_manager.errors import ConsentError, NotFound
+from campaign_manager.audience.address_keys import Address
+from campaign_manager.audience.address_keys import email_hash as email_hash  # the hash a forgotten address leaves
+from campaign_manager.errors import ConsentError
 from campaign_manager.models import (
     CampaignRecipient,
     ConsentEvent,
@@ -145,19 +145,16 @@ def _record(
     return event
 
 
-def opt_out(session: Session, email: str, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
-    """Opt an address out. An address not in the database is recorded as an opted-out recipient, so that a later
-    create or import cannot mail it. `email` may also be a recipient id. Returns the recipient and whether
+def opt_out(session: Session, who: Recipient | Address, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
+    """Opt a recipient, or an address (`addresses.parse_address`), out. An address no recipient holds is recorded as
+    an opted-out recipient, so that a later create or import cannot mail it. Returns the recipient and whether
     anything changed."""
     limits.check("the reason", reason, limits.REASON)
-    if email.strip().isdigit():
-        recipient = session.get(Recipient, int(email.strip()))
-        if recipient is None:
-            raise NotFound(f"no recipient {email.strip()!r}", hint="give the email address to opt out a new one")
-        normalized, key = recipient.email, recipient.email_key
+    if isinstance(who, Recipient):
+        recipient: Recipient | None = who
+        normalized, key = who.email, who.email_key
     else:
-        normalized = normalize_email(email)
-        key = email_key(normalized)
+        normalized, key = who
         recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
     if recipient is None:
         if is_forgotten(session, key):
@@ -193,12 +190,12 @@ def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source
     return True
 
 
-def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source: str) -> Recipient | None:
-    """Lift an erasure for an address the person gives again (they asked to come back): the address becomes a
-    new, active recipient with nothing of the old data. None if the address was not forgotten."""
+def opt_in_forgotten(session: Session, address: Address, *, reason: str | None, source: str) -> Recipient | None:
+    """Lift an erasure for an address (`addresses.parse_address`) the person gives again (they asked to come back):
+    the address becomes a new, active recipient with nothing of the old data. None if the address was not
+    forgotten."""
     limits.check("the reason", reason, limits.REASON)
-    normalized = normalize_email(email)
-    key = email_key(normalized)
+    normalized, key = address
     row = session.get(Suppression, email_hash(key))
     if row is None:
         return None

@@ -10,7 +10,8 @@ from typing import Any
 from sqlmodel import Session, select
 
 from campaign_manager.audience import consent
-from campaign_manager.audience.addresses import check_email, email_key
+from campaign_manager.audience.address_keys import email_key
+from campaign_manager.audience.addresses import check_email
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.recipients import find_recipient
 from campaign_manager.models import GroupMember, Recipient

@@ -9,7 +9,8 @@ from sqlmodel import Session, col, select
 
 from campaign_manager import limits
 from campaign_manager.audience import consent
-from campaign_manager.audience.addresses import email_key, normalize_email
+from campaign_manager.audience.address_keys import email_key
+from campaign_manager.audience.addresses import normalize_email, parse_address
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.listing import _COLUMNS, _describe_row
 from campaign_manager.errors import Conflict, ConsentError, InvalidInput, NotFound
@@ -194,6 +195,17 @@ def forget_recipient(session: Session, ref: str, *, source: str) -> dict[str, An
     return {"id": rid, "forgotten": True, "changed": changed, "suppression_hash": digest, "staged_uploads": uploads}
 
 
+def opt_out_address(session: Session, ref: str, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
+    """`cm recipient opt-out`: opt a recipient (by id or address) out, or an address no recipient holds yet (it is
+    recorded as an opted-out recipient). Returns the recipient and whether anything changed."""
+    if ref.strip().isdigit():
+        recipient = session.get(Recipient, int(ref.strip()))
+        if recipient is None:
+            raise NotFound(f"no recipient {ref.strip()!r}", hint="give the email address to opt out a new one")
+        return consent.opt_out(session, recipient, reason=reason, source=source)
+    return consent.opt_out(session, parse_address(ref), reason=reason, source=source)
+
+
 def opt_in_address(session: Session, ref: str, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
     """`cm recipient opt-in`: reactivate an opted-out recipient, or bring back a forgotten address (as a new,
     active recipient with nothing of the old data). Returns the recipient and whether anything changed."""
@@ -201,7 +213,7 @@ def opt_in_address(session: Session, ref: str, *, reason: str | None, source: st
     if recipient is not None:
         return recipient, consent.opt_in(session, recipient, reason=reason, source=source)
     if not ref.strip().isdigit():
-        recipient = consent.opt_in_forgotten(session, ref, reason=reason, source=source)
+        recipient = consent.opt_in_forgotten(session, parse_address(ref), reason=reason, source=source)
         if recipient is not None:
             return recipient, True
     raise NotFound(f"no recipient {ref!r}", hint="see `cm recipient list`")

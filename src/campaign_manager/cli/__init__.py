@@ -6,7 +6,6 @@ need them, so `cm --help` starts fast.
 
 from __future__ import annotations
 
-from difflib import get_close_matches
 from typing import Annotated, Any
 
 import typer
@@ -76,16 +75,6 @@ class _Boundary(Group):
         rows += [(name, cmd.get_short_help_str(60)) for name, cmd in self.commands.items() if not cmd.hidden]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
-
-    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        try:
-            return super().resolve_command(ctx, args)
-        except UsageError as exc:
-            # Typer suggests only among the commands already built; the nouns load lazily, so suggest among all.
-            matches = get_close_matches(args[0], self.list_commands(ctx)) if args else []
-            if matches and "Did you mean" not in exc.message:
-                exc.message = f"{exc.message.rstrip('.')}. Did you mean {' or '.join(map(repr, matches))}?"
-            raise
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         # Parsing `cm`'s own options (`cm --bogus`) fails here, before `invoke`.

@@ -197,10 +197,10 @@ def opt_out(
 
     Example: cm recipient opt-out bob@example.com --reason "asked by phone"
     """
-    from campaign_manager.audience import consent, recipients
+    from campaign_manager.audience import recipients
 
     with state(ctx).session() as session:
-        person, changed = consent.opt_out(session, email, reason=reason, source="cm recipient opt-out")
+        person, changed = recipients.opt_out_address(session, email, reason=reason, source="cm recipient opt-out")
         data = recipients.describe_many(session, [person])[0]
     # People are named by id on stderr: a terminal's scrollback and a log outlive `forget`.
     info(ctx, f"recipient {data['id']} {'opted out' if changed else 'was already opted out'}")

@@ -35,7 +35,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from campaign_manager.audience import consent
-from campaign_manager.audience.addresses import check_email, email_hash, email_key, sql_plain_normalized
+from campaign_manager.audience.address_keys import email_hash, email_key
+from campaign_manager.audience.addresses import check_email, sql_plain_normalized
 from campaign_manager.errors import CmError, NotFound
 from campaign_manager.imports.csvfile import unquote_cells
 from campaign_manager.imports.parse import Batch

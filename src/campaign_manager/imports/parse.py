@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from typing import IO, Any, NamedTuple
 
 from campaign_manager import limits
-from campaign_manager.audience.addresses import PLAIN_ADDRESS, check_email, email_hash, email_keys
+from campaign_manager.audience.address_keys import email_hash, email_keys
+from campaign_manager.audience.addresses import PLAIN_ADDRESS, check_email
 from campaign_manager.errors import InvalidInput
 from campaign_manager.imports.csvfile import (
     CsvLayout,

@@ -20,7 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from campaign_manager.audience.addresses import check_email, email_key
+from campaign_manager.audience.address_keys import email_key
+from campaign_manager.audience.addresses import check_email
 from campaign_manager.imports.csvfile import CsvLayout, read_records, unquote_cells
 from campaign_manager.models import ImportReject, Job, JobFile
 
