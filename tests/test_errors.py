@@ -197,7 +197,7 @@ def test_an_unexpected_error_is_one_line_and_exit_70(cm: Cm, monkeypatch: pytest
     def broken(*_args: object, **_kwargs: object) -> list[object]:
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(groups, "list_groups", broken)
+    monkeypatch.setattr(groups, "describe_all_groups", broken)  # what `cm group list` calls
     run = cm("group list", ok=False)
     assert run.exit_code == 70
     assert run.stderr.strip() == "internal error: RuntimeError: something broke (run with -v for details)"

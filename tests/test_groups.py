@@ -50,6 +50,27 @@ def test_counts_members_and_active_members(cm: Cm) -> None:
     assert cm("group show news --json").json()["active_members"] == 1
 
 
+def test_the_listing_describes_each_group_as_show_does(cm: Cm, db_url: str) -> None:
+    """`cm group list` reads rows of the tables (no ORM objects); what it gives is what describe_groups gives."""
+    from campaign_manager.audience import groups
+
+    cm("group create news --description 'Monthly news'")
+    cm("group create Alpha")
+    cm("group create empty")
+    cm("group add-recipients news --email a@example.com --email b@example.com --email c@example.com")
+    cm("group add-recipients Alpha --email b@example.com")
+    cm(["recipient", "opt-out", "b@example.com"])
+    with db.open_session(db_url, write=False) as session:
+        described = groups.describe_groups(session, groups.list_groups(session))
+        assert groups.describe_all_groups(session) == described
+    assert [(g["name"], g["members"], g["active_members"]) for g in described] == [
+        ("Alpha", 1, 0),
+        ("empty", 0, 0),
+        ("news", 3, 2),
+    ]
+    assert cm("group list --json").json() == [{**g, "created_at": g["created_at"].isoformat()} for g in described]
+
+
 def test_update(cm: Cm) -> None:
     gid = cm("group create news --description old --json").json()["id"]
     cm("group add-recipients news --email a@example.com")

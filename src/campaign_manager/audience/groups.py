@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, inspect
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -13,6 +13,11 @@ from campaign_manager import limits
 from campaign_manager.audience import consent
 from campaign_manager.errors import Conflict, InvalidInput, NotFound
 from campaign_manager.models import Group, GroupMember, Recipient, utcnow
+
+# As tables, for the counts and the listing (see describe_all_groups).
+_GROUPS = inspect(Group).local_table
+_MEMBERS = inspect(GroupMember).local_table
+_RECIPIENTS = inspect(Recipient).local_table
 
 
 def name_key(name: str) -> str:
@@ -97,26 +102,42 @@ def describe_groups(session: Session, groups: Sequence[Group]) -> list[dict[str,
     if not groups:
         return []
     counts = _member_counts(session, groups[0].id if len(groups) == 1 else None)
-    return [
-        {
-            "id": g.id,
-            "name": g.name,
-            "description": g.description,
-            "members": counts.get(g.id or 0, (0, 0))[0],
-            "active_members": counts.get(g.id or 0, (0, 0))[1],
-            "created_at": g.created_at,
-        }
-        for g in groups
-    ]
+    return [_describe(g.id, g.name, g.description, g.created_at, counts) for g in groups]
+
+
+def describe_all_groups(session: Session) -> list[dict[str, Any]]:
+    """Every group by name, as `describe_groups` gives it (`cm group list`), read as rows of the table rather than
+    as Group objects: the first ORM query of a process sets up the mappers of every table, which costs more than
+    the listing itself."""
+    table = _GROUPS.c
+    query = select(table.id, table.name, table.description, table.created_at).order_by(table.name)
+    rows = session.connection().execute(query).all()
+    counts = _member_counts(session, None) if rows else {}
+    return [_describe(*row, counts) for row in rows]
+
+
+def _describe(
+    gid: int | None, name: str, description: str | None, created_at: Any, counts: dict[int, tuple[int, int]]
+) -> dict[str, Any]:
+    members, active = counts.get(gid or 0, (0, 0))
+    return {
+        "id": gid,
+        "name": name,
+        "description": description,
+        "members": members,
+        "active_members": active,
+        "created_at": created_at,
+    }
 
 
 def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[int, int]]:
     """group id -> (members, active members), for one group or (None) for all of them."""
+    member, recipient = _MEMBERS.c, _RECIPIENTS.c
     query = (
-        select(GroupMember.group_id, func.count(), func.count().filter(consent.mailable()))
-        .join(Recipient, col(Recipient.id) == GroupMember.recipient_id)
-        .group_by(col(GroupMember.group_id))
+        select(member.group_id, func.count(), func.count().filter(consent.mailable()))
+        .select_from(_MEMBERS.join(_RECIPIENTS, recipient.id == member.recipient_id))
+        .group_by(member.group_id)
     )
     if group_id is not None:
-        query = query.where(GroupMember.group_id == group_id)
-    return {gid: (total, active) for gid, total, active in session.exec(query).all() if gid is not None}
+        query = query.where(member.group_id == group_id)
+    return {gid: (total, active) for gid, total, active in session.connection().execute(query).all()}

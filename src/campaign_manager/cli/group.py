@@ -45,7 +45,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
     from campaign_manager.audience import groups
 
     with state(ctx).session(write=False) as session:
-        rows = groups.describe_groups(session, groups.list_groups(session))
+        rows = groups.describe_all_groups(session)
     emit_items(rows, as_json=as_json, columns=COLUMNS)
 
 
