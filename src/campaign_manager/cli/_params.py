@@ -12,7 +12,6 @@ into a command that does not need it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from typer._click import Context  # Typer 0.29 ships its own Click
@@ -25,8 +24,7 @@ _WHOLE = re.compile(r"-?[0-9]{1,18}")
 _PLAIN_TYPES: tuple[Any, ...] = (str, int, bool, list[str])
 
 
-@dataclass(frozen=True)
-class _Plain(RuntimeParam):
+class _Plain(RuntimeParam):  # a dataclass already (its fields, its __init__): no decorator to run again
     def _coerce_value(self, value: Any, param: Any, ctx: Context) -> Any:
         kind = self.annotation
         if kind is str and isinstance(value, str):
