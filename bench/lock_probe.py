@@ -36,7 +36,7 @@ def longest_segment(database: str) -> float | None:
     """The last import's own record of its longest segment transaction (job.result.max_lock_seconds)."""
     from sqlmodel import col, select
 
-    from campaign_manager.models import Job
+    from campaign_manager.tables.jobs import Job
 
     with open_session(database, write=False) as session:
         jobs = session.exec(select(Job).where(col(Job.kind) == "import").order_by(col(Job.id).desc())).all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import ColumnElement, inspect
 from sqlmodel import Session, col, delete, select, update
 
@@ -25,17 +26,14 @@ from campaign_manager import limits
 from campaign_manager.audience.address_keys import Address
 from campaign_manager.audience.address_keys import email_hash as email_hash  # the hash a forgotten address leaves
 from campaign_manager.errors import ConsentError
-from campaign_manager.models import (
-    CampaignRecipient,
-    ConsentEvent,
-    GroupMember,
-    Recipient,
-    Suppression,
-    utcnow,
-)
 from campaign_manager.states import ConsentAction, RecipientStatus
+from campaign_manager.tables.audience import ConsentEvent, GroupMember, Recipient, Suppression
+from campaign_manager.tables.base import utcnow
 
 log = logging.getLogger(__name__)
+# The campaigns that name a recipient (`tables.sending.CampaignRecipient`), as the one column `forget` needs: the
+# table's class would load the campaigns' tables into every command that asks the consent rules.
+_CAMPAIGN_LINKS = sa.table("campaign_recipient", sa.column("recipient_id"))
 
 # Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable).
 # Later paths (an authenticated API opt-in, the person's own signed undo, a confirmed double opt-in) are added
@@ -224,7 +222,7 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
         session.flush()
     if recipient is not None:
         session.exec(delete(GroupMember).where(col(GroupMember.recipient_id) == recipient.id))
-        session.exec(delete(CampaignRecipient).where(col(CampaignRecipient.recipient_id) == recipient.id))
+        session.exec(delete(_CAMPAIGN_LINKS).where(_CAMPAIGN_LINKS.c.recipient_id == recipient.id))
         session.exec(
             update(ConsentEvent)
             .where(col(ConsentEvent.recipient_id) == recipient.id)

@@ -12,7 +12,8 @@ from sqlmodel import Session, col, select
 from campaign_manager import limits
 from campaign_manager.audience import consent
 from campaign_manager.errors import Conflict, InvalidInput, NotFound
-from campaign_manager.models import Group, GroupMember, Recipient, utcnow
+from campaign_manager.tables.audience import Group, GroupMember, Recipient
+from campaign_manager.tables.base import utcnow
 
 # As tables, for the counts and the listing (see describe_all_groups).
 _GROUPS = inspect(Group).local_table

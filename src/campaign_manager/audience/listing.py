@@ -16,8 +16,8 @@ from sqlmodel import Session, select
 from campaign_manager.audience import consent
 from campaign_manager.audience.groups import get_group
 from campaign_manager.errors import InvalidInput
-from campaign_manager.models import Group, GroupMember, Recipient
 from campaign_manager.states import RecipientStatus
+from campaign_manager.tables.audience import Group, GroupMember, Recipient
 
 # The tables a listing reads, as tables: a query over them costs no ORM set-up (the first ORM query of a process
 # configures the mappers of every table, which costs more than a listing's own queries: ~2% of a command's start).

@@ -14,7 +14,7 @@ from campaign_manager.audience.address_keys import email_key
 from campaign_manager.audience.addresses import check_email
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.recipients import find_recipient
-from campaign_manager.models import GroupMember, Recipient
+from campaign_manager.tables.audience import GroupMember, Recipient
 
 
 class MemberOutcome(StrEnum):

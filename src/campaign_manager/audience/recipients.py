@@ -15,15 +15,10 @@ from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.listing import _COLUMNS, _describe_row
 from campaign_manager.errors import Conflict, ConsentError, InvalidInput, NotFound
 from campaign_manager.imports.scrub import rejects_naming, scrub_address
-from campaign_manager.models import (
-    Campaign,
-    CampaignRecipient,
-    Group,
-    GroupMember,
-    ImportReject,
-    Recipient,
-    utcnow,
-)
+from campaign_manager.tables.audience import Group, GroupMember, Recipient
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.jobs import ImportReject
+from campaign_manager.tables.sending import Campaign, CampaignRecipient
 
 
 def find_recipient(session: Session, ref: str | int) -> Recipient | None:

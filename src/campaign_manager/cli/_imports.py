@@ -16,7 +16,7 @@ from campaign_manager.cli._common import emit, info, print_record, state
 if TYPE_CHECKING:
     from sqlmodel import Session
 
-    from campaign_manager.models import Job
+    from campaign_manager.tables.jobs import Job
 
 Wait = Annotated[bool, typer.Option("--wait", help="Import now, in this process, with a progress bar")]
 EmailColumn = Annotated[str | None, typer.Option("--email-column", help="The email column's header")]

@@ -23,7 +23,8 @@ from campaign_manager.files import read_text
 if TYPE_CHECKING:
     from sqlmodel import Session
 
-    from campaign_manager.models import Campaign, Job
+    from campaign_manager.tables.jobs import Job
+    from campaign_manager.tables.sending import Campaign
 
 app = typer.Typer(
     name="campaign", help="Create and inspect campaigns.\n\nExample: cm campaign list", no_args_is_help=True

@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from campaign_manager.audience.address_keys import email_key
 from campaign_manager.audience.addresses import check_email
 from campaign_manager.imports.csvfile import CsvLayout, read_records, unquote_cells
-from campaign_manager.models import ImportReject, Job, JobFile
+from campaign_manager.tables.jobs import ImportReject, Job, JobFile
 
 SCAN_ROWS = 5_000
 

@@ -36,7 +36,8 @@ from campaign_manager.imports.postgres import PostgresBackend
 from campaign_manager.imports.sqlite import SqliteBackend
 from campaign_manager.jobs import runner
 from campaign_manager.jobs.records import create_job, get_job
-from campaign_manager.models import ImportReject, Job, JobFile, utcnow
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.jobs import ImportReject, Job, JobFile
 
 KIND = "import"
 # From this size (about 130,000 rows of a typical file) an import parses in a helper process.

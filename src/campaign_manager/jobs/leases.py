@@ -20,8 +20,9 @@ from sqlmodel import col
 from campaign_manager.db import DatabaseGone, discard_connections, is_sqlite, is_unavailable, open_session
 from campaign_manager.errors import CmError
 from campaign_manager.jobs.records import get_job, write
-from campaign_manager.models import Job, utcnow
 from campaign_manager.states import JobStatus
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.jobs import Job
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings

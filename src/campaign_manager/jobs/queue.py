@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlmodel import Session
 
     from campaign_manager.config import Settings
-    from campaign_manager.models import Job
+    from campaign_manager.tables.jobs import Job
 
 log = logging.getLogger("campaign_manager.worker")
 

@@ -14,8 +14,9 @@ from sqlmodel import Session, col, select
 
 from campaign_manager.db import open_session
 from campaign_manager.errors import CmError, Conflict, InvalidInput, NotFound
-from campaign_manager.models import Job, utcnow
 from campaign_manager.states import JobStatus
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.jobs import Job
 
 Progress = Callable[[int, int], None]
 

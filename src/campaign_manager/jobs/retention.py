@@ -11,8 +11,9 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from campaign_manager.db import open_session
-from campaign_manager.models import Job, JobFile, Meta, utcnow
 from campaign_manager.states import JOB_ENDED
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.jobs import Job, JobFile, Meta
 
 PURGE_EVERY = timedelta(hours=1)
 _LAST_PURGE = "last_purge"

@@ -41,8 +41,9 @@ from campaign_manager.jobs.leases import (
     untrack,
 )
 from campaign_manager.jobs.records import Progress, get_handler, get_job, write
-from campaign_manager.models import Job, utcnow
 from campaign_manager.states import JobStatus
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.jobs import Job
 
 
 class Outcome(StrEnum):

@@ -14,7 +14,8 @@ from campaign_manager.audience.addresses import normalize_email
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.recipients import get_recipient
 from campaign_manager.errors import InvalidInput, NotFound
-from campaign_manager.models import Campaign, CampaignGroup, CampaignRecipient, Group, GroupMember, Recipient
+from campaign_manager.tables.audience import Group, GroupMember, Recipient
+from campaign_manager.tables.sending import Campaign, CampaignGroup, CampaignRecipient
 
 
 def get_campaign(session: Session, ref: str | int) -> Campaign:

@@ -1,0 +1,1 @@
+"""The database tables, by domain; `campaign_manager.models` gathers them all."""
