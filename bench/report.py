@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Unit = Literal["ms", "rows/s", "MB", "s", "x"]  # x: a ratio to a floor
+Unit = Literal["ms", "rows/s", "MB", "s", "x", "M instr"]  # x: a ratio to a floor; M instr: millions of instructions
 
 
 @dataclass(frozen=True)
@@ -99,4 +99,6 @@ def fmt(value: float, unit: Unit) -> str:
         return f"{value:.2f} s"
     if unit == "x":
         return f"{value:.2f}x"
+    if unit == "M instr":
+        return f"{value:,.1f} M instr"
     return f"{value:.1f} MB"

@@ -4,6 +4,8 @@ rich`), all measured in the same run, interleaved."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -69,6 +71,42 @@ def bench_startup(report: Report, *, runs: int, work: Path) -> None:
     )
     for name in LISTS:
         report.target(_ratio_target(name, samples))
+    _instructions(report, {name: commands[name] for name in (STACK, *LISTS) if name in commands}, env=env, cwd=work)
+
+
+def _instructions(report: Report, commands: dict[str, list[str]], *, env: dict[str, str], cwd: Path) -> None:
+    """The same commands' instructions, counted by valgrind (the same count on every run, however busy the machine:
+    the ratio wall time cannot settle here). Skipped with a note when valgrind is not installed."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None or STACK not in commands:
+        report.note("instructions: valgrind is not installed (apt-get install valgrind); wall time only")
+        return
+    report.section("start-up in instructions (valgrind --tool=cachegrind, PYTHONHASHSEED=0; one run each)")
+    counts: dict[str, float] = {}
+    for name, argv in commands.items():
+        done = subprocess.run(
+            [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", *argv],
+            env={**env, "PYTHONHASHSEED": "0"},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            report.note(f"{name}: valgrind failed: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        counts[name] = int(found.group(1).replace(",", "")) / 1e6
+    floor = [Baseline(STACK, counts[STACK])] if STACK in counts else []
+    report.table(
+        [Figure(name, value, "M instr", "", tuple(floor) if name != STACK else ()) for name, value in counts.items()]
+    )
+    for name in LISTS:
+        if name in counts and STACK in counts:
+            title = f"{name} / import sqlmodel, typer, rich, in instructions"
+            ratio = counts[name] / counts[STACK]
+            report.target(Target(title, LIST_TARGET_RATIO, "x", higher_is_better=False, measured=ratio))
 
 
 def _ratio_target(name: str, samples: dict[str, list[float]]) -> Target:
