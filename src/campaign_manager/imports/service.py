@@ -29,11 +29,12 @@ from campaign_manager.audience.groups import get_group
 from campaign_manager.db import get_engine, is_sqlite
 from campaign_manager.errors import InvalidInput, NotFound
 from campaign_manager.files import open_input
-from campaign_manager.imports.apply import Backend, Claim
+from campaign_manager.imports.apply import Applier, Claim
 from campaign_manager.imports.csvfile import CUT_NOTE, SAMPLE_BYTES, CsvLayout, inspect_csv, neutralise, split_row
-from campaign_manager.imports.parse import BATCH_ROWS, CHUNK_BYTES, Batch, ParseProcess, parse
-from campaign_manager.imports.postgres import PostgresBackend
-from campaign_manager.imports.sqlite import SqliteBackend
+from campaign_manager.imports.parse import BATCH_ROWS, CHUNK_BYTES, ParseProcess, parse
+from campaign_manager.imports.postgres import PostgresApplier
+from campaign_manager.imports.rows import Batch
+from campaign_manager.imports.sqlite import SqliteApplier
 from campaign_manager.jobs import runner
 from campaign_manager.jobs.records import create_job, get_job
 from campaign_manager.models import ImportReject, Job, JobFile, utcnow
@@ -162,9 +163,9 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         forgotten = consent.suppressed_hashes(session)
     layout = CsvLayout.from_args(args["layout"])
     size = int(args.get("size", 0))
-    kind = SqliteBackend if is_sqlite(url) else PostgresBackend
+    kind = SqliteApplier if is_sqlite(url) else PostgresApplier
     claim = runner.current_claim()
-    backend: Backend = kind(
+    backend: Applier = kind(
         engine,
         job_id,
         args,
@@ -181,9 +182,9 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
             return done
         chunks = _iter_chunks(url, job_id, size)
         batches: Iterator[Batch]
-        if size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
+        if _use_helper(size):
             # The other core parses while this process stages what it sends.
-            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share)
+            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS)
             batches = iter(helper)
         else:
             batches = parse(layout, chunks, forgotten, BATCH_ROWS)
@@ -199,6 +200,14 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         if chunks is not None:
             chunks.close()  # its read session, now rather than whenever the generator is collected
         backend.close()
+
+
+def _use_helper(size: int) -> bool:
+    # TEMPORARY, for one measurement (bench/README.md): CMBENCH_PARSE_HELPER=on|off overrides the size rule.
+    forced = os.environ.get("CMBENCH_PARSE_HELPER")
+    if forced:
+        return forced == "on"
+    return size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1
 
 
 # ---------------------------------------------------------------------------------------------- rejects
