@@ -223,7 +223,7 @@ class Applier:
                 return
             self.begin()
             try:
-                self._check_still_ours()
+                self._check_still_ours(writing="rejects")
                 self._recheck_forgotten()
                 rejects = self.sql(
                     f"SELECT {columns(Reject)} FROM cm_rejects WHERE line > ? AND line <= ?",
@@ -250,7 +250,7 @@ class Applier:
         key = self.last_key
         started = self.begin()
         try:
-            self._check_still_ours()
+            self._check_still_ours(writing="recipients")
             self._recheck_forgotten(first, last)
             if first <= last:
                 self._apply_rows(first, last, applied)
@@ -299,16 +299,17 @@ class Applier:
         """Set these keys of the job's result (in the transaction in progress)."""
         self.sql(self.merge_result, (json.dumps(values), self.job_id))
 
-    def _check_still_ours(self) -> None:
-        """Inside a transaction: the job is still this run's, its target still exists, and the writers the
-        segment must keep out are kept out."""
+    def _check_still_ours(self, *, writing: str) -> None:
+        """Inside a transaction: the job is still this run's, its target still exists, and who must be kept out
+        until the commit is: `forget` while rejected rows are stored, and every writer of recipients too while
+        `recipients` are."""
         row = self.sql(self.lock_job, (self.job_id,)).fetchone()
         if row is None:
             raise NotFound(f"job {self.job_id} no longer exists")
         if self.claim is not None and tuple(row) != ("running", self.claim.worker, self.claim.attempts):
             raise JobLost
         self._check_target(lock=self.lock_target)
-        self.hold_writers()
+        self.hold_writers(recipients=writing == "recipients")
 
     def _check_target(self, *, lock: str = "") -> None:
         """The group or campaign the import fills still exists (a permanent failure if not: no retry brings it
@@ -394,8 +395,9 @@ class Applier:
         """Start a transaction that writes cm's tables; its start time."""
         return time.perf_counter()
 
-    def hold_writers(self) -> None:
-        """Keep the writers of recipients (and `forget`) out until the transaction commits."""
+    def hold_writers(self, *, recipients: bool) -> None:
+        """Keep `forget` out until the transaction commits, and with `recipients` every other writer of recipients
+        (SQLite's write lock does both)."""
 
     def checkpoint(self) -> None:
         """After a segment's commit."""

@@ -62,13 +62,14 @@ class PostgresApplier(Applier):
         self.sql("SET enable_hashjoin = off")
         self.sql("SET enable_mergejoin = off")
 
-    def hold_writers(self) -> None:
+    def hold_writers(self, *, recipients: bool) -> None:
         # First `suppression` in SHARE mode, which conflicts with the ROW EXCLUSIVE a `forget` takes to insert its
         # suppression (and which a forget takes first, so neither waits on the other while holding what the other
-        # needs): what the segment reads of `suppression` stays true until it commits. Then `recipient`: no other
-        # writer inserts the address this segment is about to create, or changes anyone's status meanwhile.
+        # needs): what the transaction reads of `suppression` stays true until it commits. Then, for a segment,
+        # `recipient`: no other writer inserts an address the segment is about to create, or changes a status.
         self.sql(consent.sql_hold_forgetting())
-        self.sql(HOLD_RECIPIENTS)
+        if recipients:
+            self.sql(HOLD_RECIPIENTS)
 
     def insert_rows(self, table: str, names: str, rows: list[Any]) -> None:
         with self.cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
