@@ -176,7 +176,7 @@ class QueueSetup:
         values.update({key.replace("__", "."): value for key, value in options.items()})
         for key, value in values.items():
             if value is not None:
-                env[KEYS[key][2]] = str(value)
+                env[str(KEYS[key].env)] = str(value)
         return env
 
     def huey(self) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import pytest
 import typer
@@ -247,12 +247,17 @@ def test_text_logs_and_quiet(cm: Cm) -> None:
     assert cm("recipient opt-out bob@example.com").stderr == f"recipient {bob} was already opted out\n"
 
 
+class ThrowawaySettings(NamedTuple):
+    greeting: Annotated[str, notifiers.key("what it says")] = "hello"
+
+
 class Throwaway:
     """A notifier that only remembers what it was given."""
 
     name = "throwaway"
+    config_class = ThrowawaySettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: ThrowawaySettings) -> None:
         self.config = config
         self.sent: list[notifiers.Message] = []
 
@@ -273,7 +278,7 @@ def test_a_registered_plugin_is_listed_until_unregistered() -> None:
         rows = make_cm(None)("plugins --json").json()
         assert {"name": "throwaway", "module": "registered in process", "status": "loaded"} in rows
         cls = notifiers.load_notifiers()["throwaway"]
-        instance = cls({"key": "value"})
+        instance = cls(ThrowawaySettings(greeting="hi"))
         assert isinstance(instance, notifiers.Notifier)
         assert instance.send(notifiers.Message(to="a@example.com", subject="s", text="t")) == "throwaway-1"
     finally:
@@ -283,7 +288,8 @@ def test_a_registered_plugin_is_listed_until_unregistered() -> None:
 
 
 def test_outbox_writes_one_file_per_idempotency_key(tmp_path: Path) -> None:
-    outbox = notifiers.load_notifiers()["outbox"]({"path": str(tmp_path / "out")})
+    outbox_class = notifiers.load_notifiers()["outbox"]
+    outbox = outbox_class(notifiers.config_class(outbox_class)(folder=tmp_path / "out"))
     message = notifiers.Message(
         to="ada@example.com",
         subject="Hello",

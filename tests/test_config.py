@@ -199,7 +199,7 @@ def test_every_key_has_a_test_value() -> None:
 def test_every_key_from_file_and_env(
     cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, value: Any
 ) -> None:
-    env_name = config.KEYS[key][2]
+    env_name = str(config.KEYS[key].env)
     table, name = key.split(".")
     toml_value = f'"{value}"' if isinstance(value, str) else repr(value)
     _write(tmp_path / "campaign.toml", f"[{table}]\n{name} = {toml_value}\n")
@@ -246,25 +246,31 @@ def test_missing_config_flag_file(cm_bare: Cm, tmp_path: Path) -> None:
 
 def test_example_file_is_rendered_from_keys() -> None:
     example = (ROOT / "campaign.toml.example").read_text(encoding="utf-8")
-    assert example == config.render_example(), "run: python -c 'from campaign_manager.config import ...'"
-    for key, (_default, _kind, env, _help) in config.KEYS.items():
-        assert f"(env {env})" in example and f"# {key.split('.', 1)[1]} = " in example
+    assert example == config.render_example(), "campaign.toml.example is out of date: run `make example`"
+    for key, declared in config.KEYS.items():
+        assert f"(env {declared.env})" in example and f"# {key.split('.', 1)[1]} = " in example
 
 
 def test_example_file_uncommented_is_valid_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # "# key = value" lines become "key = value": the documented values must themselves be valid settings.
-    text = re.sub(r"^# (\w+ = )", r"\1", config.render_example(), flags=re.MULTILINE)
+    # "# key = value" and "# [notifiers.NAME]" lines are uncommented: the documented values must themselves be
+    # valid settings.
+    text = re.sub(r"^# (\w+ = |\[notifiers\.\w+\]$)", r"\1", config.render_example(), flags=re.MULTILINE)
+    assert "\n[notifiers.outbox]\n" in text and "\nfolder = " in text
     path = _write(tmp_path / "conf" / "campaign.toml", text)
     settings = config.load_settings(str(path))
+    assert settings.warnings == []
     assert settings.database_url == f"sqlite:///{tmp_path / 'conf' / 'cm.db'}"
     assert settings.queue_url == f"sqlite:///{tmp_path / 'conf' / 'cm-queue.db'}"
-    for key, (default, *_rest) in config.KEYS.items():
-        if default is not None:
-            assert settings.get(key) == default
+    values = settings.values()
+    for key, declared in config.KEYS.items():
+        if declared.example is None:  # the example shows the default (else a value worked out at run time)
+            assert values[key] == declared.default
             assert settings.sources[key] == f"file {path}"
+    assert settings.notifiers["outbox"].folder == tmp_path / "conf" / "outbox"
+    assert settings.notifier_sources["notifiers.outbox.folder"] == f"file {path}"
 
 
 def test_readme_documents_every_key() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for key, (_default, _kind, env, _help) in config.KEYS.items():
-        assert f"| `{key}` | `{env}` |" in readme, f"{key} is missing from the README's table"
+    for key, declared in config.KEYS.items():
+        assert f"| `{key}` | `{declared.env}` |" in readme, f"{key} is missing from the README's table"

@@ -151,22 +151,44 @@ def test_unusable_database_location(tmp_path: Path, where: str, command: str) ->
     assert_error(run, errors.DatabaseError.exit_code)
 
 
-def test_the_exit_codes_are_the_documented_ones() -> None:
+def test_every_error_class_exits_with_its_exit_code() -> None:
     documented = {
-        "CmError": 1,
-        "InvalidInput": 2,
-        "NotFound": 3,
-        "Conflict": 4,
-        "ConsentError": 5,
-        "DatabaseError": 6,
-        "ConfigError": 7,
-        "QueueError": 8,
-        "JobFailed": 9,
+        "CmError": errors.ExitCode.ERROR,
+        "InvalidInput": errors.ExitCode.INVALID_INPUT,
+        "NotFound": errors.ExitCode.NOT_FOUND,
+        "Conflict": errors.ExitCode.CONFLICT,
+        "ConsentError": errors.ExitCode.CONSENT,
+        "DatabaseError": errors.ExitCode.DATABASE,
+        "ConfigError": errors.ExitCode.CONFIG,
+        "QueueError": errors.ExitCode.QUEUE,
+        "JobFailed": errors.ExitCode.JOB_FAILED,
     }
     assert {name: getattr(errors, name).exit_code for name in documented} == documented
+    assert [int(documented[name]) for name in documented] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    # Every CmError subclass takes its code from ExitCode, and none is left out of the list above.
+    classes = {name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.CmError)}
+    assert classes == set(documented)
+    assert all(type(getattr(errors, name).exit_code) is errors.ExitCode for name in classes)
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    """The README's exit-code table (the one under "## Exit codes"): code -> the meaning's first words (up to a
+    colon)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    for name, code in [*documented.items(), ("internal error", 70)]:
-        assert f"| {code} |" in readme, f"exit code {code} ({name}) is not in the README's table"
+    section = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows[:2] == ["| code | meaning |", "| --- | --- |"], "the table's header changed: update this test"
+    table: dict[int, str] = {}
+    for row in rows[2:]:
+        code, meaning = (cell.strip() for cell in row.strip("|").split("|", 1))
+        assert int(code) not in table, f"exit code {code} is listed twice"
+        table[int(code)] = meaning.split(":", 1)[0]
+    return table
+
+
+def test_the_readme_lists_every_exit_code_and_nothing_else() -> None:
+    assert _readme_exit_codes() == {int(code): code.meaning for code in errors.ExitCode}
+    assert errors.ExitCode.INVALID_INPUT == 2  # usage errors share it (test_cli checks they exit 2)
 
 
 def test_an_unexpected_error_is_one_line_and_exit_70(cm: Cm, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,7 +106,7 @@ def test_an_address_forgotten_during_an_import_is_not_created(
             forgotten.set()
             news("recipient forget eve@example.com")
 
-    assert runner.attempt_job(db_url, job_id, worker="w", progress=forget_eve).outcome == runner.DONE
+    assert runner.attempt_job(db_url, job_id, worker="w", progress=forget_eve).outcome == runner.Outcome.DONE
     counts = news(f"jobs show {job_id} --json").json()["counts"]
     assert counts["suppressed"] == 1 and counts["created"] == 198, counts
     assert "eve@example.com" not in _database_text(db_url).lower()

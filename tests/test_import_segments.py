@@ -175,7 +175,7 @@ def test_a_run_that_lost_its_job_commits_nothing_more(
                 conn.execute(sa.text(steal), {"id": job_id})
 
     attempt = runner.attempt_job(db_url, job_id, worker="me", progress=steal)
-    assert attempt.outcome == runner.LOST
+    assert attempt.outcome == runner.Outcome.LOST
     assert news("group show news --json").json()["members"] == 300
     assert attempt.job.worker == "thief" and attempt.job.status == "running"
 
@@ -365,7 +365,7 @@ def test_a_group_deleted_between_segments_fails_the_job_and_leaves_no_orphan(
             news("group delete news")
 
     attempt = runner.attempt_job(db_url, job_id, worker="me", progress=delete_group)
-    assert deleted and attempt.outcome == runner.FAILED and "no longer exists" in (attempt.job.error or "")
+    assert deleted and attempt.outcome == runner.Outcome.FAILED and "no longer exists" in (attempt.job.error or "")
     assert attempt.job.result["partial"]["created"] == 300  # what the three segments before it made is kept
     with db.get_engine(db_url).connect() as conn:
         orphans = "SELECT count(*) FROM group_member WHERE group_id NOT IN (SELECT id FROM recipient_group)"

@@ -126,7 +126,7 @@ def test_run_job_outside_the_queue(db_url: str) -> None:
     job = runner.run_job(db_url, failing, worker="cm --wait")
     assert (job.status, job.error, job.attempts) == ("failed", "RuntimeError: boom", 1)
     # A second run finds it failed and leaves it alone.
-    assert runner.attempt_job(db_url, failing, worker="cm --wait").outcome == runner.SKIPPED
+    assert runner.attempt_job(db_url, failing, worker="cm --wait").outcome == runner.Outcome.SKIPPED
 
 
 def _blocking_kind(
@@ -177,7 +177,7 @@ def test_heartbeat_renews_the_lease_and_keeps_the_handlers_result(db_url: str) -
         records.unregister_handler("test-block")
     [attempt] = attempts
     job = read_job(db_url, job_id)
-    assert attempt.outcome == runner.DONE and job.status == "done" and job.lease_until is None
+    assert attempt.outcome == runner.Outcome.DONE and job.status == "done" and job.lease_until is None
     assert job.result["committed"] is True and job.result["progress"]["total"] == 1000
     assert leases.active_jobs() == []
 
@@ -195,7 +195,7 @@ def test_release_puts_the_job_back(db_url: str) -> None:
         assert leases.release_jobs(db_url, enqueue=enqueued.append) == [job_id]
         thread.join(10)
         job = read_job(db_url, job_id)
-        assert attempts[0].outcome == runner.RELEASED and enqueued == [job_id]
+        assert attempts[0].outcome == runner.Outcome.RELEASED and enqueued == [job_id]
         assert (job.status, job.attempts, job.lease_until, job.counts) == ("queued", 0, None, {})
         # The next worker claims it as usual.
         go.set()
@@ -238,7 +238,7 @@ def test_a_run_that_lost_its_lease_cannot_overwrite_the_next_one(db_url: str) ->
     finally:
         go.set()
         records.unregister_handler("test-stall")
-    assert second.outcome == runner.DONE and first[0].outcome == runner.LOST
+    assert second.outcome == runner.Outcome.DONE and first[0].outcome == runner.Outcome.LOST
     job = read_job(db_url, job_id)
     assert (job.status, job.worker, job.attempts, job.counts) == ("done", "w2", 2, {"read": 1})
 

@@ -1,81 +1,66 @@
 """Settings: defaults, then campaign.toml, then CM_* environment variables, then command-line flags.
 
-Every value remembers where it came from so that `cm config show` can tell the user.
+Each table of the file is a typed section (a frozen dataclass declared in `sections`), built and checked once
+by `load_settings`: callers read `settings.worker.retries`, an int. Every value remembers where it came from, so
+that `cm config show` can tell the user. `[notifiers.NAME]` tables belong to the notifier plugins, which declare
+their keys the same way (see `campaign_manager.notifiers`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
+import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from campaign_manager.errors import ConfigError, InvalidInput
+from campaign_manager.keys import Key, coerce, declared, read_table, toml_value
+from campaign_manager.sections import (
+    KEYS,
+    SECTIONS,
+    DatabaseSettings,
+    ImportSettings,
+    JobsSettings,
+    LogSettings,
+    QueueSettings,
+    WorkerSettings,
+)
 
 CONFIG_FILENAME = "campaign.toml"
 APP_DIR = "campaign-manager"
-
-# key -> (default, type, environment variable, help). The single list of settings: the loader, `cm config show`
-# and the test that checks campaign.toml.example all read it.
-KEYS: dict[str, tuple[Any, type, str, str]] = {
-    "database.url": (None, str, "CM_DATABASE_URL", "SQLite path or URL, or a postgresql:// URL"),
-    "queue.url": (None, str, "CM_QUEUE_URL", "Huey storage: SQLite path or URL, postgresql:// or redis://"),
-    "queue.name": ("cm", str, "CM_QUEUE_NAME", "queue name, so that several databases can share one server"),
-    "worker.workers": (1, int, "CM_WORKER_WORKERS", "threads of a long-running `cm worker`"),
-    "worker.retries": (
-        3,
-        int,
-        "CM_WORKER_RETRIES",
-        "times a failed job is retried before it is marked failed",
-    ),
-    "worker.retry_delay": (10.0, float, "CM_WORKER_RETRY_DELAY", "seconds before the first retry"),
-    "worker.retry_backoff": (
-        2.0,
-        float,
-        "CM_WORKER_RETRY_BACKOFF",
-        "each retry waits this many times longer",
-    ),
-    "worker.lease_seconds": (
-        60.0,
-        float,
-        "CM_WORKER_LEASE_SECONDS",
-        "a running job not heard from this long is retaken",
-    ),
-    "import.segment_rows": (
-        0,
-        int,
-        "CM_IMPORT_SEGMENT_ROWS",
-        "the most rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock ~0.5 s)",
-    ),
-    "jobs.keep_files_days": (
-        7.0,
-        float,
-        "CM_JOBS_KEEP_FILES_DAYS",
-        "days a finished, failed or cancelled job keeps its staged upload before workers purge it",
-    ),
-    "log.level": ("warning", str, "CM_LOG_LEVEL", "debug, info, warning or error"),
-    "log.format": ("text", str, "CM_LOG_FORMAT", "text or json (one JSON object a line, on stderr)"),
-}
-SECRET_WORDS = ("password", "secret", "token")
+_URLS = ("database.url", "queue.url")
+NOTIFIERS = "notifiers"
 
 
-@dataclass
+def _attribute(table: str) -> str:
+    return "imports" if table == "import" else table
+
+
+@dataclass(frozen=True)
 class Settings:
-    values: dict[str, Any] = field(default_factory=dict)
+    database: DatabaseSettings
+    queue: QueueSettings
+    worker: WorkerSettings
+    imports: ImportSettings  # the [import] table
+    jobs: JobsSettings
+    log: LogSettings
+    # dotted key -> where its value came from: "default", "file PATH", "env NAME", "flag".
     sources: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
-    # Things a person should hear about once per command (the CLI logs them): a world-readable file of secrets.
+    # Things a person should hear about once per command (the CLI logs them): a world-readable file of secrets,
+    # the table of a notifier that is not installed.
     warnings: list[str] = field(default_factory=list)
-
-    def get(self, key: str) -> Any:
-        return self.values[key]
+    # The file's [notifiers.NAME] tables, as read (checked against the notifiers' declarations by `notifiers`).
+    notifier_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def database_url(self) -> str:
-        return str(self.values["database.url"])
+        return self.database.url
 
     @property
     def database_is_default(self) -> bool:
@@ -85,7 +70,39 @@ class Settings:
 
     @property
     def queue_url(self) -> str:
-        return str(self.values["queue.url"])
+        return self.queue.url
+
+    @property
+    def notifiers(self) -> dict[str, Any]:
+        """name -> the settings of each installed notifier (an instance of its `config_class`), from its
+        declared defaults, its table in the file and its environment variables. Read on first use (at load, when
+        the file has [notifiers.NAME] tables), since it loads the plugins: a command that sends nothing does not
+        pay for that. Raises ConfigError for an unknown key or a value of the wrong type."""
+        return dict(self._notifier_settings[0])
+
+    @property
+    def notifier_sources(self) -> dict[str, str]:
+        """`sources` for the notifiers' keys (`notifiers.NAME.KEY`)."""
+        return dict(self._notifier_settings[1])
+
+    @cached_property
+    def _notifier_settings(self) -> tuple[dict[str, Any], dict[str, str]]:
+        # Imported here, like the plugins themselves: a command that neither sends nor shows the settings (most
+        # of them) does without the notifier contract (~2 ms of start-up).
+        from campaign_manager.notifiers import config_class, load_notifiers
+
+        configs: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, cls in sorted(load_notifiers().items()):
+            declaration = config_class(cls)
+            table = self.notifier_tables.get(name, {})
+            values = read_table(declaration, f"{NOTIFIERS}.{name}", table, file=self.config_file, sources=sources)
+            configs[name] = declaration(**values)
+        return configs, sources
+
+    def values(self) -> dict[str, Any]:
+        """Every key of cm's own tables, by dotted name."""
+        return {name: getattr(getattr(self, _attribute(name.split(".")[0])), k.name) for name, k in KEYS.items()}
 
 
 def data_dir() -> Path:
@@ -110,27 +127,13 @@ def find_config_file(explicit: str | None) -> Path | None:
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
+    for name, value in table.items():
+        dotted = f"{prefix}{name}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
+            out.update(_flatten(value, f"{dotted}."))
         else:
-            out[name] = value
+            out[dotted] = value
     return out
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = KEYS[key][1]
-    try:
-        if kind is int and isinstance(value, str | int) and not isinstance(value, bool):
-            return int(value)
-        if kind is float and isinstance(value, str | int | float) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str):
-            return value
-    except ValueError:
-        pass
-    raise ConfigError(f"{key} from {source} must be {kind.__name__}, got {value!r}")
 
 
 def resolve_url(value: str, base: Path) -> str:
@@ -144,70 +147,108 @@ def resolve_url(value: str, base: Path) -> str:
     return f"sqlite:///{resolved}"
 
 
-def load_settings(config: str | None = None, flags: dict[str, Any] | None = None) -> Settings:
-    settings = Settings()
-    for key, (default, *_rest) in KEYS.items():
-        settings.values[key] = default
-        settings.sources[key] = "default"
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
+
+def load_settings(config: str | None = None, flags: Mapping[str, Any] | None = None) -> Settings:
+    """The settings of this run: `config` is --config (else the file is looked for), `flags` values given on the
+    command line by dotted key (None: not given). Raises ConfigError (exit 7) for a bad file or value."""
     path = find_config_file(config)
-    if path is not None:
-        settings.config_file = path.resolve()
-        try:
-            raw = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        for key, value in raw.items():
-            if key not in KEYS:
-                raise ConfigError(f"unknown key {key!r} in {path}", hint="see campaign.toml.example")
-            source = f"file {settings.config_file}"
-            value = _coerce(key, value, source)
-            if key in ("database.url", "queue.url"):
-                if not value.strip():
-                    raise ConfigError(f"{key} in {path} is empty", hint="give a path or a URL, or remove the key")
-                value = resolve_url(value, settings.config_file.parent)
-            settings.values[key], settings.sources[key] = value, source
-        settings.warnings += _exposed_secrets(settings.config_file, raw)
+    file = path.resolve() if path is not None else None
+    raw = _read_file(path) if path is not None else {}
+    tables: dict[str, dict[str, Any]] = {}
+    for name, value in raw.items():
+        if (name in SECTIONS and isinstance(value, dict)) or name == NOTIFIERS:
+            tables[name] = value
+        else:
+            unknown = next(iter(_flatten({name: value})), name)  # `[databse] url = ...` is 'databse.url'
+            raise ConfigError(f"unknown key {unknown!r} in {file}", hint="see campaign.toml.example")
 
-    for key, (_default, _kind, env, _help) in KEYS.items():
-        if env in os.environ and os.environ[env] != "":
-            value = _coerce(key, os.environ[env], env)
-            if key in ("database.url", "queue.url"):
-                value = resolve_url(value, Path.cwd())
-            settings.values[key], settings.sources[key] = value, f"env {env}"
-
-    for key, value in (flags or {}).items():
+    sources: dict[str, str] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for table, cls in SECTIONS.items():
+        values[table] = read_table(cls, table, tables.get(table, {}), file=file, sources=sources)
+    for dotted in _URLS:
+        table, name = dotted.split(".")
+        value, source = values[table][name], sources[dotted]
+        if source.startswith("file ") and not value.strip():
+            raise ConfigError(f"{dotted} in {file} is empty", hint="give a path or a URL, or remove the key")
+        if value:
+            values[table][name] = resolve_url(value, file.parent if source.startswith("file ") and file else Path.cwd())
+    for dotted, value in (flags or {}).items():
         if value is None:
             continue
-        if key in ("database.url", "queue.url"):
+        table, name = dotted.split(".")
+        if dotted in _URLS:
             if not str(value).strip():
                 # An empty path would resolve to the working folder: refuse it rather than guess.
-                name = "--database" if key == "database.url" else key
-                raise InvalidInput(f"{name} is empty", hint="give a SQLite path or a URL")
+                raise InvalidInput(
+                    f"{'--database' if table == 'database' else dotted} is empty", hint="give a SQLite path or a URL"
+                )
             value = resolve_url(value, Path.cwd())
-        settings.values[key], settings.sources[key] = value, "flag"
+        values[table][name] = coerce(KEYS[dotted], value, name=dotted, source="a flag")
+        sources[dotted] = "flag"
+    if not values["database"]["url"]:
+        values["database"]["url"] = f"sqlite:///{data_dir() / 'cm.db'}"
+    if not values["queue"]["url"]:
+        values["queue"]["url"] = default_queue_url(values["database"]["url"])
+        sources["queue.url"] = "default (beside the database)"
+    _check_log(values["log"], sources)
 
-    if settings.values["database.url"] is None:
-        settings.values["database.url"] = f"sqlite:///{data_dir() / 'cm.db'}"
-    if settings.values["queue.url"] is None:
-        settings.values["queue.url"] = default_queue_url(settings.values["database.url"])
-        settings.sources["queue.url"] = "default (beside the database)"
-    if settings.values["log.format"] not in ("text", "json"):
-        raise ConfigError(f"log.format must be text or json, got {settings.values['log.format']!r}")
-    if settings.values["log.level"].lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(
-            f"log.level must be debug, info, warning or error, got {settings.values['log.level']!r}"
-            f" (from {settings.sources['log.level']})"
-        )
+    settings = Settings(
+        **{_attribute(table): cls(**values[table]) for table, cls in SECTIONS.items()},
+        sources=sources,
+        config_file=file,
+        notifier_tables=_notifier_tables(tables.get(NOTIFIERS, {}), file),
+    )
+    if settings.notifier_tables:
+        # The file configures notifiers: check their tables now, as every other key is, whatever the command.
+        installed = settings.notifiers
+        for name in settings.notifier_tables:
+            if name not in installed:
+                settings.warnings.append(_not_installed(name, file))
+    if file is not None:
+        settings.warnings.extend(_exposed_secrets(file, raw, settings))
     return settings
 
 
-def _exposed_secrets(path: Path, raw: dict[str, Any]) -> list[str]:
+def _check_log(log: dict[str, Any], sources: dict[str, str]) -> None:
+    if log["format"] not in ("text", "json"):
+        raise ConfigError(f"log.format must be text or json, got {log['format']!r}")
+    if log["level"].lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"log.level must be debug, info, warning or error, got {log['level']!r} (from {sources['log.level']})"
+        )
+
+
+def _notifier_tables(raw: Any, path: Path | None) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{NOTIFIERS} in {path} must be tables, one a notifier: [notifiers.NAME]")
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{NOTIFIERS}.{name} in {path} must be a table: [notifiers.{name}]")
+    return {name: dict(table) for name, table in raw.items()}
+
+
+def _not_installed(name: str, path: Path | None) -> str:
+    from campaign_manager.notifiers import load_errors  # see Settings._notifier_settings
+
+    failed = load_errors().get(name)
+    why = f"the notifier {name!r} failed to load ({failed})" if failed else f"no notifier {name!r} is installed"
+    return f"{path}: [notifiers.{name}] is ignored: {why} (see `cm plugins`)"
+
+
+def _exposed_secrets(path: Path, raw: dict[str, Any], settings: Settings) -> list[str]:
     """A warning if the file holds a secret (a value `mask` hides) and every local user may read it. Group-readable
     is fine: a systemd unit's group may need to read the file."""
-    if not any(mask(key, value) != value for key, value in raw.items()):
+    secrets = {f"{NOTIFIERS}.{name}.{k.name}" for name, k in _notifier_keys(settings) if k.secret}
+    if not any(mask(name, value, secret=name in secrets) != value for name, value in _flatten(raw).items()):
         return []
     try:
         readable_by_all = bool(path.stat().st_mode & stat.S_IROTH)
@@ -218,6 +259,13 @@ def _exposed_secrets(path: Path, raw: dict[str, Any]) -> list[str]:
     return [f"{path} holds a password and every user of this machine can read it (chmod o-r {path})"]
 
 
+def _notifier_keys(settings: Settings) -> list[tuple[str, Key]]:
+    """(notifier, key) for the notifiers whose table the file has (the others were not loaded)."""
+    if not settings.notifier_tables:
+        return []
+    return [(name, k) for name, config in settings.notifiers.items() for k in declared(type(config))]
+
+
 def default_queue_url(database_url: str) -> str:
     """SQLite databases get a queue file beside them; a PostgreSQL database holds the queue's tables itself."""
     if database_url.startswith("sqlite:///"):
@@ -226,51 +274,90 @@ def default_queue_url(database_url: str) -> str:
     return database_url
 
 
-def mask(key: str, value: Any) -> Any:
-    """Hide passwords: whole values of secret keys, and the password part of URLs."""
+MASKED = "********"
+SECRET_WORDS = ("password", "secret", "token")
+
+
+def mask(name: str, value: Any, *, secret: bool = False) -> Any:
+    """Hide passwords: whole values of declared secrets (and of keys named like one), and the password part of
+    URLs."""
     if value is None:
         return None
-    if any(word in key for word in SECRET_WORDS):
-        return "********"
+    if secret or any(word in name.rsplit(".", 1)[-1] for word in SECRET_WORDS):
+        return MASKED
     text = str(value)
     if "://" in text and "@" in text:
         scheme, rest = text.split("://", 1)
         creds, host = rest.rsplit("@", 1)
         if ":" in creds:
-            creds = creds.split(":", 1)[0] + ":********"
+            creds = creds.split(":", 1)[0] + ":" + MASKED
         return f"{scheme}://{creds}@{host}"
     return value
 
 
+def describe_settings(settings: Settings) -> dict[str, Any]:
+    """What `cm config show` prints, as a table and as --json: the file read, and every key (cm's own, then each
+    installed notifier's) with its value, secrets masked, and where it came from."""
+    shown: dict[str, dict[str, Any]] = {}
+    for name, value in settings.values().items():
+        shown[name] = {"value": _plain(mask(name, value, secret=KEYS[name].secret)), "source": settings.sources[name]}
+    sources = settings.notifier_sources
+    for notifier, config in settings.notifiers.items():
+        for k in declared(type(config)):
+            name = f"{NOTIFIERS}.{notifier}.{k.name}"
+            value = _plain(mask(name, getattr(config, k.name), secret=k.secret))
+            shown[name] = {"value": value, "source": sources[name]}
+    return {"config_file": str(settings.config_file) if settings.config_file else None, "settings": shown}
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
 def render_example(*, database_url: str | None = None) -> str:
-    """campaign.toml.example, made from KEYS so that it documents every key (a test compares the file). With
-    `database_url`, the starter file of `cm init --database`: that one key is set."""
+    """campaign.toml.example, made from the declarations (cm's sections, then the built-in notifiers' tables),
+    so that it documents every key; a test compares the file (`python -m campaign_manager.config` rewrites it).
+    With `database_url`, the starter file of `cm init --database`: that one key is set."""
     lines = [
         "# cm configuration. Every key is optional; CM_* environment variables override this file and",
         "# command-line flags override both. Relative SQLite paths are relative to this file.",
         "# `cm config show` prints the effective values and where each came from.",
     ]
-    section = ""
-    for key, (default, _kind, env, help_) in KEYS.items():
-        table, name = key.split(".", 1)
-        if table != section:
-            lines += ["", f"[{table}]"]
-            section = table
-        lines.append(f"# {help_} (env {env})")
-        if default is None:
-            example = {
-                "database.url": '"cm.db"  # default: $XDG_DATA_HOME/campaign-manager/cm.db',
-                "queue.url": '"cm-queue.db"  # default: beside the database (SQLite) or in it (PostgreSQL)',
-            }[key]
-            lines.append(f"# {name} = {example}")
-            if key == "database.url" and database_url is not None:
-                lines.append(f"{name} = {toml_string(database_url)}")
-        else:
-            value = f'"{default}"' if isinstance(default, str) else repr(default)
-            lines.append(f"# {name} = {value}")
+    for table, cls in SECTIONS.items():
+        lines += ["", f"[{table}]"]
+        for k in declared(cls):
+            lines += _example_key(k)
+            if table == "database" and k.name == "url" and database_url is not None:
+                lines.append(f"url = {toml_value(database_url)}")
+    lines += [
+        "",
+        "# Notifiers: one table each, [notifiers.NAME] (`cm plugins` lists those installed); a table for one",
+        "# that is not installed is ignored, with a warning. The built-in notifiers' keys:",
+    ]
+    from campaign_manager.notifiers import builtin_notifiers, config_class  # see Settings._notifier_settings
+
+    for name, cls in sorted(builtin_notifiers().items()):
+        lines += ["", f"# [{NOTIFIERS}.{name}]"]
+        for k in declared(config_class(cls)):
+            lines += _example_key(k)
     return "\n".join(lines) + "\n"
 
 
-def toml_string(value: str) -> str:
-    """`value` as a TOML basic string. JSON's escapes are TOML's, except that TOML also wants DEL escaped."""
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+def _example_key(k: Key) -> list[str]:
+    env = f" (env {k.env})" if k.env else ""
+    secret = "; a secret: keep this file private, or set it in the environment" if k.secret else ""
+    return [f"# {k.help}{secret}{env}", f"# {k.name} = {k.example_value()}"]
+
+
+def write_example(path: Path) -> bool:
+    """Rewrite the example file from the declarations; whether it changed."""
+    text = render_example()
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+if __name__ == "__main__":  # python -m campaign_manager.config [PATH]: regenerate campaign.toml.example
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "campaign.toml.example")
+    print(f"{target}: {'rewritten' if write_example(target) else 'already up to date'}")

@@ -2,6 +2,7 @@
 
 Times are stored in UTC. Emails are stored as email-validator normalizes them, and compared through
 `email_key` (the normalized address lowercased), so two spellings that differ only in case are one recipient.
+The states a status column holds are the enums of `states` (the columns are plain strings).
 """
 
 from __future__ import annotations
@@ -13,19 +14,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from campaign_manager import limits
-
-ACTIVE = "active"
-OPTED_OUT = "opted_out"
-RECIPIENT_STATUSES = (ACTIVE, OPTED_OUT)
-
-JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_CANCELLED = (
-    "queued",
-    "running",
-    "done",
-    "failed",
-    "cancelled",
-)
-JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_CANCELLED)
+from campaign_manager.states import CampaignStatus, JobStatus, RecipientStatus
 
 
 def utcnow() -> datetime:
@@ -72,7 +61,7 @@ class Recipient(SQLModel, table=True):
     name: str | None = Field(default=None, max_length=limits.NAME)
     phone: str | None = Field(default=None, max_length=limits.PHONE)
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
-    status: str = Field(default=ACTIVE, max_length=20, nullable=False)
+    status: str = Field(default=RecipientStatus.ACTIVE, max_length=20, nullable=False)
     opt_out_reason: str | None = Field(default=None)
     opted_out_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = _created()
@@ -114,7 +103,7 @@ class Campaign(SQLModel, table=True):
     body_text: str = Field(nullable=False)
     body_html: str | None = Field(default=None)
     from_address: str | None = Field(default=None, max_length=limits.EMAIL)
-    status: str = Field(default="draft", max_length=20, nullable=False)
+    status: str = Field(default=CampaignStatus.DRAFT, max_length=20, nullable=False)
     created_at: datetime = _created()
     updated_at: datetime = _created()
 
@@ -171,7 +160,7 @@ class Job(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=50, nullable=False)
-    status: str = Field(default=JOB_QUEUED, max_length=20, nullable=False, index=True)
+    status: str = Field(default=JobStatus.QUEUED, max_length=20, nullable=False, index=True)
     args: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     counts: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     result: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)

@@ -26,8 +26,6 @@ from campaign_manager.audience.addresses import email_hash as email_hash  # the 
 from campaign_manager.audience.addresses import email_key, normalize_email
 from campaign_manager.errors import ConsentError, NotFound
 from campaign_manager.models import (
-    ACTIVE,
-    OPTED_OUT,
     CampaignRecipient,
     ConsentEvent,
     GroupMember,
@@ -35,8 +33,8 @@ from campaign_manager.models import (
     Suppression,
     utcnow,
 )
+from campaign_manager.states import ConsentAction, RecipientStatus
 
-OPT_OUT, OPT_IN, FORGET = "opt_out", "opt_in", "forget"
 log = logging.getLogger(__name__)
 
 # Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable).
@@ -54,30 +52,30 @@ def may_add(status: str | None, *, forgotten: bool) -> str | None:
     reactivates anyone: a recipient who is not active stays out."""
     if forgotten:
         return FORGOTTEN_REASON
-    if status is not None and status != ACTIVE:
+    if status is not None and status != RecipientStatus.ACTIVE:
         return OPTED_OUT_REASON
     return None
 
 
 def may_mail(status: str) -> bool:
     """Only an active recipient is mailed (`mailable` is the same rule in SQL)."""
-    return status == ACTIVE
+    return status == RecipientStatus.ACTIVE
 
 
 def mailable() -> ColumnElement[bool]:
     """The SQL condition every audience query uses: only active recipients may be mailed."""
-    return col(Recipient.status) == ACTIVE
+    return col(Recipient.status) == RecipientStatus.ACTIVE
 
 
 def sql_may_add(status: str, gone: str) -> str:
     """`may_add` as a SQL condition, for set-based paths (imports; sending): `status` is an expression for the
     recipient's status (NULL when there is none yet, as from a LEFT JOIN), `gone` one that is 1 when the address
     is forgotten and 0 when not."""
-    return f"({gone} = 0 AND ({status} IS NULL OR {status} = '{ACTIVE}'))"
+    return f"({gone} = 0 AND ({status} IS NULL OR {status} = '{RecipientStatus.ACTIVE}'))"
 
 
 # The status a recipient made by a set-based path (an import) gets, as a SQL literal.
-SQL_NEW_STATUS = f"'{ACTIVE}'"
+SQL_NEW_STATUS = f"'{RecipientStatus.ACTIVE}'"
 
 
 def sql_forgotten_since() -> str:
@@ -103,7 +101,12 @@ def new_recipient(
 ) -> Recipient:
     """A new, active recipient (not yet added to the session). The caller has asked `may_add` first."""
     return Recipient(
-        email=email, email_key=key, name=name, phone=phone, attributes=dict(attributes or {}), status=ACTIVE
+        email=email,
+        email_key=key,
+        name=name,
+        phone=phone,
+        attributes=dict(attributes or {}),
+        status=RecipientStatus.ACTIVE,
     )
 
 
@@ -126,7 +129,7 @@ def refuse_if_forgotten(session: Session, key: str) -> None:
 
 
 def _record(
-    session: Session, *, key: str, recipient_id: int | None, action: str, reason: str | None, source: str
+    session: Session, *, key: str, recipient_id: int | None, action: ConsentAction, reason: str | None, source: str
 ) -> ConsentEvent:
     event = ConsentEvent(
         recipient_id=recipient_id, email_hash=email_hash(key), action=action, reason=reason, source=source
@@ -159,31 +162,31 @@ def opt_out(session: Session, email: str, *, reason: str | None, source: str) ->
     if recipient is None:
         if is_forgotten(session, key):
             raise ConsentError("that address was forgotten; it is already never mailed")
-        recipient = Recipient(email=normalized, email_key=key, status=OPTED_OUT)
+        recipient = Recipient(email=normalized, email_key=key, status=RecipientStatus.OPTED_OUT)
         session.add(recipient)
-    elif recipient.status == OPTED_OUT:
+    elif recipient.status == RecipientStatus.OPTED_OUT:
         return recipient, False
     now = utcnow()
-    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = OPTED_OUT, reason, now
+    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = RecipientStatus.OPTED_OUT, reason, now
     recipient.updated_at = now
     session.flush()
-    _record(session, key=key, recipient_id=recipient.id, action=OPT_OUT, reason=reason, source=source)
+    _record(session, key=key, recipient_id=recipient.id, action=ConsentAction.OPT_OUT, reason=reason, source=source)
     return recipient, True
 
 
 def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> bool:
     """The only way back to `active`. Returns whether anything changed."""
     limits.check("the reason", reason, limits.REASON)
-    if recipient.status == ACTIVE:
+    if recipient.status == RecipientStatus.ACTIVE:
         return False
     now = utcnow()
-    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = ACTIVE, None, None
+    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = RecipientStatus.ACTIVE, None, None
     recipient.updated_at = now
     _record(
         session,
         key=recipient.email_key,
         recipient_id=recipient.id,
-        action=OPT_IN,
+        action=ConsentAction.OPT_IN,
         reason=reason,
         source=source,
     )
@@ -200,7 +203,7 @@ def opt_in_forgotten(session: Session, email: str, *, reason: str | None, source
     if row is None:
         return None
     session.delete(row)
-    _record(session, key=key, recipient_id=None, action=OPT_IN, reason=reason, source=source)
+    _record(session, key=key, recipient_id=None, action=ConsentAction.OPT_IN, reason=reason, source=source)
     recipient = new_recipient(normalized, key)
     session.add(recipient)
     session.flush()
@@ -240,7 +243,7 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
     if already and recipient is None:
         return digest, False
     session.flush()
-    _record(session, key=key, recipient_id=None, action=FORGET, reason=None, source=source)
+    _record(session, key=key, recipient_id=None, action=ConsentAction.FORGET, reason=None, source=source)
     return digest, True
 
 

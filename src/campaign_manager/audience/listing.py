@@ -16,13 +16,8 @@ from sqlmodel import Session, col, select
 from campaign_manager.audience import consent
 from campaign_manager.audience.groups import get_group
 from campaign_manager.errors import InvalidInput
-from campaign_manager.models import (
-    ACTIVE,
-    OPTED_OUT,
-    Group,
-    GroupMember,
-    Recipient,
-)
+from campaign_manager.models import Group, GroupMember, Recipient
+from campaign_manager.states import RecipientStatus
 
 # Recipients a page of a listing reads at once: large enough that the queries per page cost little (pages of 500
 # are ~15% slower, of 5,000 no faster), small enough that a page (~1 KB a row as Python objects) stays a few MB.
@@ -57,10 +52,10 @@ class Selection:
     def conditions(self, *, after: int | None = None) -> list[ColumnElement[bool]]:
         """The WHERE of the selection; with `after`, of its page that starts after that id."""
         where: list[ColumnElement[bool]] = [] if after is None else [col(Recipient.id) > after]
-        if self.status == ACTIVE:
+        if self.status == RecipientStatus.ACTIVE:
             where.append(consent.mailable())
-        elif self.status == OPTED_OUT:
-            where.append(col(Recipient.status) == OPTED_OUT)
+        elif self.status == RecipientStatus.OPTED_OUT:
+            where.append(col(Recipient.status) == RecipientStatus.OPTED_OUT)
         if self.group_id is not None:
             # EXISTS rather than a join, so that a page is still one row per recipient. The page's start is said
             # again for group_member: PostgreSQL does not carry `recipient.id > after` over to it, and merging
@@ -96,8 +91,8 @@ def select_recipients(
     """Check a listing's options (the group must exist) before anything is read or printed."""
     if (limit is not None and limit < 0) or offset < 0:
         raise InvalidInput("--limit and --offset must not be negative")
-    if status not in (None, ACTIVE, OPTED_OUT):
-        raise InvalidInput(f"unknown status {status!r}", hint=f"one of {', '.join((ACTIVE, OPTED_OUT))}")
+    if status is not None and status not in list(RecipientStatus):
+        raise InvalidInput(f"unknown status {status!r}", hint=f"one of {', '.join(RecipientStatus)}")
     group_id = get_group(session, group).id if group is not None else None
     return Selection(status=status, group_id=group_id, search=search or None, limit=limit, offset=offset)
 
@@ -205,7 +200,9 @@ def _utc(value: Any) -> datetime | None:
 
 def group_recipients(session: Session, ref: str | int, *, active_only: bool = False) -> Selection:
     """The selection of a group's members (or its active ones), for `recipients.iter_recipients`."""
-    return select_recipients(session, group=get_group(session, ref).id, status=ACTIVE if active_only else None)
+    return select_recipients(
+        session, group=get_group(session, ref).id, status=RecipientStatus.ACTIVE if active_only else None
+    )
 
 
 # These two run three times a row of a million-row listing, where json.loads and datetime.replace(tzinfo=...)

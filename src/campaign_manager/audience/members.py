@@ -4,6 +4,7 @@ them out."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 
 from sqlmodel import Session, select
@@ -14,15 +15,24 @@ from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.recipients import find_recipient
 from campaign_manager.models import GroupMember, Recipient
 
-# What happened to each address given to `add_recipients`.
-CREATED, ADDED, ALREADY_MEMBER, INVALID, SUPPRESSED, DUPLICATE = (
-    "created",
-    "added",
-    "already_member",
-    "invalid",
-    "suppressed",
-    "duplicate",
-)
+
+class MemberOutcome(StrEnum):
+    """What happened to each address given to `add_recipients`."""
+
+    CREATED = "created"  # a new recipient, added to the group
+    ADDED = "added"  # an existing recipient, added to the group
+    ALREADY_MEMBER = "already_member"
+    INVALID = "invalid"  # not an email address (the reason says why)
+    SUPPRESSED = "suppressed"  # opted out or forgotten: not added
+    DUPLICATE = "duplicate"  # given twice in one call
+
+
+class RemoveOutcome(StrEnum):
+    """What happened to each address given to `remove_recipients`."""
+
+    REMOVED = "removed"
+    NOT_MEMBER = "not_member"
+    UNKNOWN = "unknown"  # no recipient has that address
 
 
 def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> list[dict[str, Any]]:
@@ -36,11 +46,11 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
         result: dict[str, Any] = {"input": raw, "email": normalized or None, "outcome": "", "reason": reason}
         results.append(result)
         if reason is not None:
-            result["outcome"] = INVALID
+            result["outcome"] = MemberOutcome.INVALID
             continue
         key = email_key(normalized)
         if key in seen:
-            result["outcome"] = DUPLICATE
+            result["outcome"] = MemberOutcome.DUPLICATE
             continue
         seen.add(key)
         recipient = session.exec(select(Recipient).where(Recipient.email_key == key)).first()
@@ -48,18 +58,18 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
         status = None if recipient is None else recipient.status
         refusal = consent.may_add(status, forgotten=consent.is_forgotten(session, key))
         if refusal is not None:
-            result.update(outcome=SUPPRESSED, reason=refusal)
+            result.update(outcome=MemberOutcome.SUPPRESSED, reason=refusal)
             continue
         if recipient is None:
             recipient = consent.new_recipient(normalized, key)
             session.add(recipient)
             session.flush()
-            result["outcome"] = CREATED
+            result["outcome"] = MemberOutcome.CREATED
         elif session.get(GroupMember, (group.id, recipient.id)) is not None:
-            result["outcome"] = ALREADY_MEMBER
+            result["outcome"] = MemberOutcome.ALREADY_MEMBER
             continue
         else:
-            result["outcome"] = ADDED
+            result["outcome"] = MemberOutcome.ADDED
         session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
         session.flush()
     return results
@@ -72,7 +82,10 @@ def remove_recipients(session: Session, ref: str | int, emails: Sequence[str]) -
     for raw in emails:
         recipient = find_recipient(session, raw)
         member = None if recipient is None else session.get(GroupMember, (group.id, recipient.id))
-        outcome = "unknown" if recipient is None else "not_member" if member is None else "removed"
+        if recipient is None:
+            outcome = RemoveOutcome.UNKNOWN
+        else:
+            outcome = RemoveOutcome.NOT_MEMBER if member is None else RemoveOutcome.REMOVED
         if member is not None:
             session.delete(member)
         results.append({"input": raw, "outcome": outcome})

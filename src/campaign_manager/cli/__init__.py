@@ -15,7 +15,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, NoSuchOpt
 from campaign_manager import __version__
 from campaign_manager.cli._common import State, end_quietly_on_broken_pipe, report_error, report_unexpected
 from campaign_manager.cli._help import Command, Group, build, name_values
-from campaign_manager.errors import CmError, InvalidInput
+from campaign_manager.errors import CmError, ExitCode, InvalidInput
 
 # noun -> short help. Each noun's module is imported (and its Typer app turned into a click group) only when that
 # noun is used: building every command up front costs ~40 ms, a third of the start-up budget.
@@ -114,7 +114,7 @@ class _Boundary(Group):
             if type(exc).__module__.startswith(("click", "typer")):
                 raise
             report_unexpected(exc, verbose=bool(ctx.obj and ctx.obj.verbose))
-            raise typer.Exit(70) from None
+            raise typer.Exit(ExitCode.INTERNAL) from None
 
 
 app = typer.Typer(

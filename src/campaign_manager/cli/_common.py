@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from campaign_manager.errors import CmError, InvalidInput
+from campaign_manager.errors import CmError, ExitCode, InvalidInput
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -36,7 +36,7 @@ class State:
             from campaign_manager.config import load_settings
 
             self._settings = load_settings(self.config_path, {"database.url": self.database})
-            self.setup_logging(self._settings.get("log.level"), self._settings.get("log.format"))
+            self.setup_logging(self._settings.log.level, self._settings.log.format)
             if self._settings.warnings:
                 import logging  # not at the top: `cm --help` does without it
 
@@ -217,7 +217,7 @@ def end_quietly_on_broken_pipe() -> typer.Exit:
 
     with suppress(OSError, ValueError):  # ValueError: a stdout with no file behind it (tests)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return typer.Exit(1)
+    return typer.Exit(ExitCode.ERROR)
 
 
 def print_record(record: dict[str, Any], *, fields: Sequence[str] | None = None) -> None:

@@ -3,6 +3,7 @@ stage the file, then queue the job (and return its id at once) or, with --wait, 
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,24 +65,21 @@ def wait_import(ctx: typer.Context, stage: Callable[[Session], Job]) -> dict[str
     """Stage the job and run it here with a progress bar; its description once it ended. Ctrl-C or SIGTERM stops
     it at once: the job is cancelled with what it committed, one line says so, and the command exits 130 or 143.
     A job that failed raises JobFailed after its summary."""
+    from campaign_manager.errors import ExitCode
     from campaign_manager.jobs import records, runner
+    from campaign_manager.states import JobStatus
 
-    st = state(ctx)
-    with st.session() as session:
-        job_id = int(stage(session).id or 0)
-    options = {key: st.settings.get(key) for key in runner.OPTION_KEYS}
-    with progress_bar(ctx, f"importing (job {job_id})") as update:
-        attempt, signum = runner.run_in_foreground(
-            st.settings.database_url, job_id, worker="cm --wait", progress=update, options=options
-        )
+    with progress_bar(ctx, "importing") as update:
+        attempt, signum = runner.run_now(state(ctx).settings, stage, progress=update)
     data = records.describe_job(attempt.job)
-    if signum and data["status"] == "cancelled":
+    job_id = data["id"]
+    if signum and data["status"] == JobStatus.CANCELLED:
         added = data["counts"].get("added", 0)
         what = f"the {added:,} recipients it added are kept" if data["counts"] else "nothing was applied"
         info(ctx, f"interrupted: import job {job_id} cancelled; {what}; `cm jobs retry {job_id}` imports the rest")
-        raise typer.Exit(128 + signum)
+        raise typer.Exit(ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED)
     summarize(ctx, data)
-    if data["status"] != "done":
+    if data["status"] != JobStatus.DONE:
         from campaign_manager.errors import JobFailed
 
         raise JobFailed(f"import job {job_id} {data['status']}: {data['error']}")
@@ -95,7 +93,9 @@ def run_import(ctx: typer.Context, stage: Callable[[Session], Job], *, wait: boo
         return
     job_id = queue_import(ctx, stage).id
     if as_json:
-        emit({"id": job_id, "status": "queued"}, as_json=True, render=print_record)
+        from campaign_manager.states import JobStatus
+
+        emit({"id": job_id, "status": JobStatus.QUEUED}, as_json=True, render=print_record)
     else:
         typer.echo(job_id)
 

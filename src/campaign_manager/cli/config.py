@@ -25,24 +25,21 @@ def config() -> None:
 def show(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Print the effective settings and where each came from (secrets masked).
 
+    The keys of every installed notifier's table ([notifiers.NAME]) come after cm's own.
+
     Example: cm config show --json
     """
-    from campaign_manager.config import mask
+    from campaign_manager.config import describe_settings
 
-    settings = state(ctx).settings
-    rows = [
-        {"key": key, "value": mask(key, value), "source": settings.sources[key]}
-        for key, value in settings.values.items()
-    ]
-    data: Any = rows
-    if as_json:
-        data = {
-            "config_file": str(settings.config_file) if settings.config_file else None,
-            "settings": {r["key"]: {"value": r["value"], "source": r["source"]} for r in rows},
-        }
-    else:
-        info(ctx, f"config file: {settings.config_file or 'none'}")
-    emit(data, as_json=as_json, render=lambda r: print_table(r, ("key", "value", "source")))
+    model = describe_settings(state(ctx).settings)
+    if not as_json:
+        info(ctx, f"config file: {model['config_file'] or 'none'}")
+    emit(model, as_json=as_json, render=_render)
+
+
+def _render(model: dict[str, Any]) -> None:
+    rows = [{"key": key, **shown} for key, shown in model["settings"].items()]
+    print_table(rows, ("key", "value", "source"))
 
 
 def write_starter(ctx: typer.Context, *, force: bool, database: str | None) -> None:

@@ -159,7 +159,7 @@ def add_recipients(
     with state(ctx).session() as session:
         results = members.add_recipients(session, ref, email)
     _report(ctx, results, as_json, ("input", "email", "outcome", "reason"))
-    invalid = sum(1 for item in results if item["outcome"] == members.INVALID)
+    invalid = sum(1 for item in results if item["outcome"] == members.MemberOutcome.INVALID)
     if invalid:
         # The valid addresses are in (committed above); the exit code still tells a script that some were not.
         raise InvalidInput(f"{invalid} of {len(results)} addresses were invalid; the others were applied")

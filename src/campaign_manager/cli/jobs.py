@@ -139,7 +139,7 @@ def purge(
     from campaign_manager.jobs import retention
 
     st = state(ctx)
-    days = float(st.settings.get("jobs.keep_files_days")) if older_than is None else older_than
+    days = st.settings.jobs.keep_files_days if older_than is None else older_than
     with st.session() as session:
         purged = retention.purge_files(session, older_than_days=days)
     info(ctx, f"purged the staged uploads of {len(purged)} job(s)" + (f": {purged}" if purged else ""))
@@ -169,8 +169,10 @@ def render_job(data: dict[str, Any]) -> None:
 
     print_record(data, fields=FIELDS)
     console = Console(soft_wrap=True, highlight=False)
+    from campaign_manager.states import JobStatus
+
     progress = data.get("progress")
-    if data["status"] == "running" and progress:
+    if data["status"] == JobStatus.RUNNING and progress:
         console.print(f"[bold]progress[/bold]: {_percent(progress)}")
     if data["counts"]:
         console.print("[bold]summary[/bold]:")
@@ -189,10 +191,12 @@ def _percent(progress: dict[str, Any]) -> str:
 
 
 def _summary(row: dict[str, Any]) -> str:
+    from campaign_manager.states import JobStatus
+
     if row["counts"]:
         # Only what happened: a table of "updated 0, already_member 0, ..." wraps and hides the point.
         # Short keys, not the labels of `jobs show`: the column stays narrow enough not to wrap mid-figure.
         return ", ".join(f"{key} {value}" for key, value in row["counts"].items() if value) or "nothing"
-    if row["status"] == "running" and row["progress"]:
+    if row["status"] == JobStatus.RUNNING and row["progress"]:
         return _percent(row["progress"])
     return ""

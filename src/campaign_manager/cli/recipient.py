@@ -114,10 +114,11 @@ def list_(
     Example: cm recipient list --active --group newsletter --search example.com --limit 20 --json
     """
     from campaign_manager.errors import InvalidInput
+    from campaign_manager.states import RecipientStatus
 
     if active and opted_out:
         raise InvalidInput("--active and --opted-out exclude each other")
-    status = "active" if active else "opted_out" if opted_out else None
+    status = RecipientStatus.ACTIVE if active else RecipientStatus.OPTED_OUT if opted_out else None
     _list(ctx, status=status, group=group, search=search, limit=limit, offset=offset, as_json=as_json)
 
 
@@ -133,7 +134,9 @@ def active(
 
     Example: cm recipient active --json
     """
-    _list(ctx, status="active", group=group, search=None, limit=limit, offset=offset, as_json=as_json)
+    from campaign_manager.states import RecipientStatus
+
+    _list(ctx, status=RecipientStatus.ACTIVE, group=group, search=None, limit=limit, offset=offset, as_json=as_json)
 
 
 @app.command("show")

@@ -44,14 +44,14 @@ def worker(
 
     Example: cm -q worker --drain
     """
-    from campaign_manager.jobs import consumer, tasks
+    from campaign_manager.jobs import consumer
     from campaign_manager.jobs import drain as draining
     from campaign_manager.logs import configure_logging
 
     st = state(ctx)
     settings = st.settings
     configure_logging(verbose=st.verbose, quiet=st.quiet)
-    threads = workers or int(settings.get("worker.workers"))
+    threads = workers or settings.worker.workers
     if not drain:
         consumer.run_worker(settings, workers=threads, grace=grace)
         return
@@ -65,22 +65,23 @@ def worker(
     if not report.ok:
         from campaign_manager.errors import JobFailed
 
-        bad = report.ids("failed", "retry", tasks.ERROR)
+        bad = report.ids(*draining.FAILURES)
         raise JobFailed(f"{len(bad)} job(s) did not succeed: {', '.join(map(str, bad))}", hint="see `cm jobs show ID`")
 
 
 def summarize(report: DrainReport) -> list[str]:
     """The drain's summary, for a person (stderr)."""
-    from campaign_manager.jobs.tasks import ERROR
+    from campaign_manager.jobs.runner import Outcome
+    from campaign_manager.jobs.tasks import TaskOutcome
 
     counts = {
         label: report.ids(*outcomes)
         for label, outcomes in (
-            ("done", ("done",)),
-            ("failed", ("failed", ERROR)),
-            ("waiting for a retry", ("retry",)),
-            ("released", ("released", "lost")),
-            ("skipped (cancelled, finished or held by another worker)", ("skipped",)),
+            ("done", (Outcome.DONE,)),
+            ("failed", (Outcome.FAILED, TaskOutcome.ERROR)),
+            ("waiting for a retry", (Outcome.RETRY,)),
+            ("released", (Outcome.RELEASED, Outcome.LOST)),
+            ("skipped (cancelled, finished or held by another worker)", (Outcome.SKIPPED,)),
         )
     }
     ran = sum(len(ids) for ids in counts.values())

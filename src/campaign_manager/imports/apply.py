@@ -42,6 +42,7 @@ from campaign_manager.errors import CmError, NotFound
 from campaign_manager.imports.csvfile import unquote_cells
 from campaign_manager.imports.rows import Batch, Reject, StagedRow, columns, create_table
 from campaign_manager.jobs.runner import JobLost
+from campaign_manager.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ class Applier:
         row = self.sql(self.lock_job, (self.job_id,)).fetchone()
         if row is None:
             raise NotFound(f"job {self.job_id} no longer exists")
-        if self.claim is not None and tuple(row) != ("running", self.claim.worker, self.claim.attempts):
+        if self.claim is not None and tuple(row) != (JobStatus.RUNNING, self.claim.worker, self.claim.attempts):
             raise JobLost
         self._check_target(lock=self.lock_target)
         self.hold_writers(recipients=writing == "recipients")

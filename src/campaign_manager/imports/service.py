@@ -160,12 +160,12 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
     layout = CsvLayout.from_args(args["layout"])
     size = int(args.get("size", 0))
     kind = SqliteApplier if is_sqlite(url) else PostgresApplier
-    claim = runner.current_claim()
+    claim, settings = runner.current_claim(), runner.current_settings()
     applier: Applier = kind(
         engine,
         job_id,
         args,
-        segment_rows=int(runner.current_option("import.segment_rows", 0) or 0),
+        segment_rows=0 if settings is None else settings.imports.segment_rows,
         claim=None if claim is None else Claim(*claim),
         forgotten=forgotten,
         forgotten_at=forgotten_at,

@@ -148,7 +148,7 @@ def _keep_watch(settings: Settings, huey: JobQueue) -> None:
     back on the queue the jobs whose worker stopped renewing their lease, and purge old staged uploads (at most
     hourly, see retention)."""
     url, health = settings.database_url, huey.health
-    every = max(float(settings.get("worker.lease_seconds")) / 2, WATCH_INTERVAL_S)
+    every = max(settings.worker.lease_seconds / 2, WATCH_INTERVAL_S)
     next_recovery = time.monotonic()
     while not health.stop.is_set():
         try:

@@ -17,7 +17,7 @@ from campaign_manager import db
 from campaign_manager.errors import CmError, DatabaseError, QueueError
 from campaign_manager.jobs import leases, records, retention, runner
 from campaign_manager.jobs.queue import JobQueue, close_huey, get_huey, probe, queue_errors, send_message, unreachable
-from campaign_manager.jobs.tasks import ERROR, clear_outcome, current_outcome
+from campaign_manager.jobs.tasks import DrainOutcome, TaskOutcome
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
@@ -30,7 +30,7 @@ def recover_jobs(settings: Settings, huey: JobQueue) -> records.Recovery:
     recovery = records.recover_stale_jobs(
         settings.database_url,
         enqueue=lambda job_id: send_message(huey, job_id),
-        max_attempts=int(settings.get("worker.retries")) + 1,
+        max_attempts=settings.worker.retries + 1,
     )
     for job_id in recovery.requeued:
         log.warning("job %d: its worker stopped responding; back in the queue", job_id)
@@ -62,7 +62,7 @@ def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
 
 def purge_old_files(settings: Settings) -> None:
     """Purge staged uploads past `jobs.keep_files_days`, if no process did in the last hour."""
-    days = float(settings.get("jobs.keep_files_days"))
+    days = settings.jobs.keep_files_days
     try:
         purged = retention.purge_if_due(settings.database_url, older_than_days=days)
     except db.DatabaseGone:
@@ -82,9 +82,13 @@ def release_jobs(settings: Settings, huey: JobQueue) -> list[int]:
     return released
 
 
+# The outcomes that make a drain fail (exit 9).
+FAILURES: tuple[DrainOutcome, ...] = (runner.Outcome.FAILED, runner.Outcome.RETRY, TaskOutcome.ERROR)
+
+
 @dataclass
 class DrainReport:
-    outcomes: dict[int, str] = field(default_factory=dict)  # job id -> outcome of its last attempt in this drain
+    outcomes: dict[int, DrainOutcome] = field(default_factory=dict)  # job id -> its last attempt's, in this drain
     recovered: records.Recovery = field(default_factory=records.Recovery)
     released: list[int] = field(default_factory=list)
     waiting: list[tuple[int, datetime | None]] = field(default_factory=list)  # retries not due yet: (job, UTC eta)
@@ -92,13 +96,13 @@ class DrainReport:
     queue_error: QueueError | None = None
     database_error: DatabaseError | None = None
 
-    def ids(self, *outcomes: str) -> list[int]:
+    def ids(self, *outcomes: DrainOutcome) -> list[int]:
         return sorted(job_id for job_id, outcome in self.outcomes.items() if outcome in outcomes)
 
     @property
     def ok(self) -> bool:
         """Every job this drain ran succeeded (a job skipped because someone else had it is not a failure)."""
-        return not self.ids(runner.FAILED, runner.RETRY, ERROR)
+        return not self.ids(*FAILURES)
 
 
 def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> DrainReport:
@@ -111,6 +115,7 @@ def drain(settings: Settings, *, workers: int = 1, grace: float = 30.0) -> Drain
     db.ensure_schema(settings.database_url, create=settings.database_is_default)
     huey = get_huey(settings, blocking=False)
     report, lock, stop = DrainReport(), threading.Lock(), huey.health.stop
+    huey.outcomes = {}
     try:
         probe(huey)
         report.recovered = recover_jobs(settings, huey)
@@ -166,7 +171,6 @@ def _drain_loop(huey: JobQueue, report: DrainReport, lock: threading.Lock) -> No
         except Exception:
             log.exception("dropped a queue message that cannot be read")
             continue
-        clear_outcome()  # stays None unless the task runs (Huey re-schedules a task whose time has not come)
         try:
             huey.execute(task)
         except queue_errors() as exc:
@@ -174,7 +178,8 @@ def _drain_loop(huey: JobQueue, report: DrainReport, lock: threading.Lock) -> No
             with lock:
                 report.queue_error = report.queue_error or unreachable(huey.display_url, exc)
             health.stop.set()
-        outcome = current_outcome()
+        # None unless the task ran (Huey puts a task whose time has not come back in the schedule).
+        outcome = huey.outcomes.pop(task.id, None) if huey.outcomes is not None else None
         if task.args and outcome is not None:
             with lock:
                 report.outcomes[int(task.args[0])] = outcome

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -20,12 +20,11 @@ from sqlmodel import col
 from campaign_manager.db import DatabaseGone, discard_connections, is_sqlite, is_unavailable, open_session
 from campaign_manager.errors import CmError
 from campaign_manager.jobs.records import get_job, write
-from campaign_manager.models import (
-    JOB_QUEUED,
-    JOB_RUNNING,
-    Job,
-    utcnow,
-)
+from campaign_manager.models import Job, utcnow
+from campaign_manager.states import JobStatus
+
+if TYPE_CHECKING:
+    from campaign_manager.config import Settings
 
 log = logging.getLogger("campaign_manager.worker")
 
@@ -46,7 +45,7 @@ class Run:
     lost: bool = False
     done: int | None = None  # the handler's last progress call, if any
     total: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # settings the handler may ask for (current_option)
+    settings: Settings | None = None  # what the handler reads through runner.current_settings
 
 
 _active: dict[int, Run] = {}
@@ -61,7 +60,7 @@ def fenced(run: Run) -> Any:
         sa.update(Job)
         .where(
             col(Job.id) == run.job_id,
-            col(Job.status) == JOB_RUNNING,
+            col(Job.status) == JobStatus.RUNNING,
             col(Job.worker) == run.worker,
             col(Job.attempts) == run.attempts,
         )
@@ -91,12 +90,12 @@ def claim(url: str, job_id: int, *, worker: str, lease: float) -> tuple[Job, Run
             .where(
                 col(Job.id) == job_id,
                 sa.or_(
-                    col(Job.status) == JOB_QUEUED,
-                    sa.and_(col(Job.status) == JOB_RUNNING, col(Job.lease_until) < now),
+                    col(Job.status) == JobStatus.QUEUED,
+                    sa.and_(col(Job.status) == JobStatus.RUNNING, col(Job.lease_until) < now),
                 ),
             )
             .values(
-                status=JOB_RUNNING,
+                status=JobStatus.RUNNING,
                 attempts=col(Job.attempts) + 1,
                 worker=worker,
                 started_at=now,
@@ -143,7 +142,7 @@ def hand_back(url: str, run: Run, error: str) -> bool:
     read-only), again and again (capped backoff) for up to a lease, so that it goes through as soon as the
     database takes writes. False if it never did: the lease then runs out, and recovery takes the job."""
     statement = fenced(run).values(
-        status=JOB_QUEUED, lease_until=None, attempts=col(Job.attempts) - 1, error=f"handed back: {error}"
+        status=JobStatus.QUEUED, lease_until=None, attempts=col(Job.attempts) - 1, error=f"handed back: {error}"
     )
     deadline, delay = time.monotonic() + run.lease, HAND_BACK_FIRST_DELAY_S
     while True:
@@ -201,7 +200,7 @@ def release_jobs(url: str, *, enqueue: Callable[[int], None]) -> list[int]:
             url,
             fenced(run)
             .where(col(Job.lease_until) < utcnow())
-            .values(status=JOB_QUEUED, lease_until=None, error="released by a stopping worker"),
+            .values(status=JobStatus.QUEUED, lease_until=None, error="released by a stopping worker"),
         )
         released.append(run.job_id)
     return released

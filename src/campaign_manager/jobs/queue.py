@@ -20,7 +20,7 @@ from campaign_manager.config import mask
 from campaign_manager.errors import QueueError
 from campaign_manager.files import create_private
 from campaign_manager.jobs.health import Health, first_line
-from campaign_manager.jobs.tasks import define_task
+from campaign_manager.jobs.tasks import DrainOutcome, define_task
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -76,6 +76,7 @@ class JobQueue(Huey):  # type: ignore[misc]
     run_job_task: Any
     health: Health
     display_url: str
+    outcomes: dict[str, DrainOutcome] | None = None  # message id -> what its task came to, while a drain collects
 
 
 def queue_errors() -> tuple[type[BaseException], ...]:
@@ -100,7 +101,7 @@ def _display(url: str) -> str:
 def get_huey(settings: Settings, *, blocking: bool = True) -> JobQueue:
     """The queue named by `queue.url` and `queue.name`. `blocking=False` makes dequeue return at once when the
     queue is empty (Redis and PostgreSQL otherwise wait up to a second for a message)."""
-    url, name = settings.queue_url, str(settings.get("queue.name"))
+    url, name = settings.queue.url, settings.queue.name
     kwargs: dict[str, Any]
     if url.startswith(("redis://", "rediss://", "unix://")):
         storage, kwargs = RedisStorage, {"url": url, "blocking": blocking, "read_timeout": 1}

@@ -14,15 +14,8 @@ from sqlmodel import Session, col, select
 
 from campaign_manager.db import open_session
 from campaign_manager.errors import CmError, Conflict, InvalidInput, NotFound
-from campaign_manager.models import (
-    JOB_CANCELLED,
-    JOB_FAILED,
-    JOB_QUEUED,
-    JOB_RUNNING,
-    JOB_STATUSES,
-    Job,
-    utcnow,
-)
+from campaign_manager.models import Job, utcnow
+from campaign_manager.states import JobStatus
 
 Progress = Callable[[int, int], None]
 
@@ -73,7 +66,7 @@ def create_job(session: Session, kind: str, args: dict[str, Any]) -> Job:
     """A queued job row (flushed, so it has an id). The caller commits, then enqueues it (queue.enqueue_job)."""
     if kind not in HANDLERS:
         raise InvalidInput(f"unknown job kind {kind!r}", hint=f"known kinds: {', '.join(sorted(HANDLERS))}")
-    job = Job(kind=kind, args=dict(args), status=JOB_QUEUED)
+    job = Job(kind=kind, args=dict(args), status=JobStatus.QUEUED)
     session.add(job)
     session.flush()
     return job
@@ -90,8 +83,8 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int | None 
     """Newest first."""
     query = select(Job).order_by(col(Job.id).desc())
     if status is not None:
-        if status not in JOB_STATUSES:
-            raise InvalidInput(f"unknown job status {status!r}", hint=f"one of {', '.join(JOB_STATUSES)}")
+        if status not in list(JobStatus):
+            raise InvalidInput(f"unknown job status {status!r}", hint=f"one of {', '.join(JobStatus)}")
         query = query.where(Job.status == status)
     if limit is not None:
         query = query.limit(limit)
@@ -120,7 +113,7 @@ def retry_job(session: Session, job_id: int) -> Job:
     """Queue a failed or cancelled job again, with a fresh budget of attempts (the caller commits, then enqueues
     it). An import resumes after its last committed segment. A job whose staged upload was purged cannot be."""
     job = get_job(session, job_id)
-    if job.status not in (JOB_FAILED, JOB_CANCELLED):
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise Conflict(f"job {job_id} is {job.status}: only a failed or cancelled job can be retried")
     purged = (job.result or {}).get("file_purged")
     if purged:
@@ -131,7 +124,7 @@ def retry_job(session: Session, job_id: int) -> Job:
     requeued = session.exec(
         sa.update(Job)
         .where(col(Job.id) == job_id, col(Job.status) == job.status)
-        .values(status=JOB_QUEUED, attempts=0, error=None, finished_at=None, lease_until=None, worker=None)
+        .values(status=JobStatus.QUEUED, attempts=0, error=None, finished_at=None, lease_until=None, worker=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     if not requeued:
@@ -144,13 +137,15 @@ def cancel_job(session: Session, job_id: int) -> Job:
     finds the job cancelled and does nothing."""
     cancelled = session.exec(
         sa.update(Job)
-        .where(col(Job.id) == job_id, col(Job.status) == JOB_QUEUED)
-        .values(status=JOB_CANCELLED, finished_at=utcnow(), lease_until=None)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_until=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     job = get_job(session, job_id)
     if not cancelled:
-        hint = "it cannot be stopped from here; stop its worker to release it" if job.status == JOB_RUNNING else None
+        hint = (
+            "it cannot be stopped from here; stop its worker to release it" if job.status == JobStatus.RUNNING else None
+        )
         raise Conflict(f"job {job_id} is {job.status}: only a queued job can be cancelled", hint=hint)
     return job
 
@@ -172,7 +167,9 @@ def queued_jobs(url: str, *, older_than: float) -> list[int]:
     cutoff = utcnow() - timedelta(seconds=older_than)
     with open_session(url, write=False) as session:
         rows = session.exec(
-            select(Job.id).where(col(Job.status) == JOB_QUEUED, col(Job.created_at) < cutoff).order_by(col(Job.id))
+            select(Job.id)
+            .where(col(Job.status) == JobStatus.QUEUED, col(Job.created_at) < cutoff)
+            .order_by(col(Job.id))
         ).all()
     return [job_id for job_id in rows if job_id is not None]
 
@@ -191,7 +188,9 @@ def recover_stale_jobs(
     recovery = Recovery()
     with open_session(url, write=False) as session:
         stale = session.exec(
-            select(Job.id, Job.attempts, Job.worker).where(col(Job.status) == JOB_RUNNING, col(Job.lease_until) < now)
+            select(Job.id, Job.attempts, Job.worker).where(
+                col(Job.status) == JobStatus.RUNNING, col(Job.lease_until) < now
+            )
         ).all()
     for job_id, attempts, worker in stale:
         assert job_id is not None
@@ -199,7 +198,7 @@ def recover_stale_jobs(
             sa.update(Job)
             .where(
                 col(Job.id) == job_id,
-                col(Job.status) == JOB_RUNNING,
+                col(Job.status) == JobStatus.RUNNING,
                 col(Job.attempts) == attempts,
                 col(Job.lease_until) < now,
             )
@@ -207,11 +206,11 @@ def recover_stale_jobs(
         )
         if max_attempts is not None and attempts >= max_attempts:
             error = f"its worker ({worker}) stopped responding; gave up after {attempts} attempts"
-            if write(url, still_stale.values(status=JOB_FAILED, error=error, finished_at=now, lease_until=None)):
+            if write(url, still_stale.values(status=JobStatus.FAILED, error=error, finished_at=now, lease_until=None)):
                 recovery.failed.append(job_id)
             continue
         if enqueue is not None:
             enqueue(job_id)
-        if write(url, still_stale.values(status=JOB_QUEUED, lease_until=None)):
+        if write(url, still_stale.values(status=JobStatus.QUEUED, lease_until=None)):
             recovery.requeued.append(job_id)
     return recovery

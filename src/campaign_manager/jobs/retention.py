@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from campaign_manager.db import open_session
-from campaign_manager.models import JOB_CANCELLED, JOB_DONE, JOB_FAILED, Job, JobFile, Meta, utcnow
+from campaign_manager.models import Job, JobFile, Meta, utcnow
+from campaign_manager.states import JOB_ENDED
 
 PURGE_EVERY = timedelta(hours=1)
 _LAST_PURGE = "last_purge"
@@ -26,7 +27,7 @@ def purge_files(session: Session, *, older_than_days: float) -> list[int]:
     jobs = session.exec(
         select(Job)
         .where(
-            col(Job.status).in_((JOB_DONE, JOB_FAILED, JOB_CANCELLED)),
+            col(Job.status).in_(JOB_ENDED),
             col(Job.finished_at) < cutoff,
             has_file,
         )

@@ -19,7 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from campaign_manager.config import Settings
 
 from campaign_manager.db import DatabaseGone, is_unavailable, open_session
 from campaign_manager.errors import CmError
@@ -35,30 +41,23 @@ from campaign_manager.jobs.leases import (
     untrack,
 )
 from campaign_manager.jobs.records import Progress, get_handler, get_job, write
-from campaign_manager.models import (
-    JOB_CANCELLED,
-    JOB_DONE,
-    JOB_FAILED,
-    JOB_QUEUED,
-    Job,
-    utcnow,
-)
+from campaign_manager.models import Job, utcnow
+from campaign_manager.states import JobStatus
 
-# Settings a job's handler may read through current_option: callers of attempt_job pass these.
-OPTION_KEYS = ("import.segment_rows",)
 
-# What one attempt at a job came to (Attempt.outcome). FAULT: the database could not be written or reached under
-# it; the job was handed back (see hand_back). CANCELLED: a run in the foreground was stopped by a signal.
-DONE, FAILED, RETRY, SKIPPED, RELEASED, LOST, FAULT, CANCELLED = (
-    "done",
-    "failed",
-    "retry",
-    "skipped",
-    "released",
-    "lost",
-    "fault",
-    "cancelled",
-)
+class Outcome(StrEnum):
+    """What one attempt at a job came to (Attempt.outcome). Not a job status, though three share its spelling: a
+    RETRY leaves the job queued, and RELEASED, LOST and FAULT leave it to another run."""
+
+    DONE = "done"
+    FAILED = "failed"
+    RETRY = "retry"  # failed, back on the queue for another attempt
+    SKIPPED = "skipped"  # not run: it had ended, or a live worker holds it
+    RELEASED = "released"  # its worker gave it back (shutting down)
+    LOST = "lost"  # its lease ran out and another run took it
+    FAULT = "fault"  # the database could not be written or reached under it: handed back (see hand_back)
+    CANCELLED = "cancelled"  # a run in the foreground was stopped by a signal
+
 
 log = logging.getLogger("campaign_manager.worker")
 
@@ -90,11 +89,11 @@ def worker_name() -> str:
 
 @dataclass
 class Attempt:
-    """One attempt at a job: the row as it stands after it, and what came of it (DONE, FAILED, RETRY, SKIPPED,
-    RELEASED, LOST or FAULT: then the row as claimed, its `error` saying what went wrong)."""
+    """One attempt at a job: the row as it stands after it, and what came of it (an Outcome; after a FAULT, the
+    row as claimed, its `error` saying what went wrong)."""
 
     job: Job
-    outcome: str
+    outcome: Outcome
     seconds: float = 0.0
 
 
@@ -122,10 +121,11 @@ def current_claim() -> tuple[str, int] | None:
     return None if run is None else (run.worker, run.attempts)
 
 
-def current_option(key: str, default: Any = None) -> Any:
-    """A setting the caller of attempt_job passed for the handler (e.g. `import.segment_rows`)."""
+def current_settings() -> Settings | None:
+    """The settings the caller of attempt_job passed for this thread's handler (`import.segment_rows`, say).
+    None outside attempt_job, or when the caller passed none: the handler then uses the defaults."""
     run: Run | None = getattr(_current, "run", None)
-    return default if run is None else run.options.get(key, default)
+    return None if run is None else run.settings
 
 
 def attempt_job(
@@ -138,7 +138,7 @@ def attempt_job(
     max_attempts: int | None = None,
     lease_seconds: float = 60.0,
     on_start: Callable[[Job], None] | None = None,
-    options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
     interrupt: Interrupt | None = None,
 ) -> Attempt:
     """Claim and run one job. A job that is done, failed, cancelled or held by a live worker is SKIPPED.
@@ -149,8 +149,8 @@ def attempt_job(
     """
     job, run = claim(url, job_id, worker=worker, lease=lease_seconds)
     if run is None:
-        return Attempt(job, SKIPPED)
-    run.options = dict(options or {})
+        return Attempt(job, Outcome.SKIPPED)
+    run.settings = settings
     track(run)
 
     def _progress(done: int, total: int) -> None:
@@ -178,35 +178,35 @@ def attempt_job(
             _current.run = None
             if interrupt is not None:
                 interrupt.armed = False
-        values: dict[str, Any] = {"status": JOB_DONE, "counts": dict(counts or {}), "error": None}
-        outcome = DONE
+        values: dict[str, Any] = {"status": JobStatus.DONE, "counts": dict(counts or {}), "error": None}
+        outcome = Outcome.DONE
     except JobInterrupted as exc:
         values, outcome = _interrupted(url, job_id, exc.signum)
     except JobLost:
         run.lost = True
-        values, outcome = {}, LOST
+        values, outcome = {}, Outcome.LOST
     except JobReleased:
-        values, outcome = {}, RELEASED
+        values, outcome = {}, Outcome.RELEASED
     except DatabaseGone:
         raise  # nothing can be recorded anywhere: the caller stops
     except Exception as exc:
         log.debug("job %d: %s", job_id, error_text(exc), exc_info=True)
         if is_unavailable(exc):
             # Not the job's fault, and not worth an attempt: give it back (below) rather than fail or retry it.
-            values, outcome = _fault(job, exc), FAULT
+            values, outcome = _fault(job, exc), Outcome.FAULT
         elif isinstance(exc, CmError):
-            values, outcome = {"status": JOB_FAILED, "error": error_text(exc)}, FAILED
+            values, outcome = {"status": JobStatus.FAILED, "error": error_text(exc)}, Outcome.FAILED
         elif retry and (max_attempts is None or run.attempts < max_attempts):
-            values, outcome = {"status": JOB_QUEUED, "error": error_text(exc)}, RETRY
+            values, outcome = {"status": JobStatus.QUEUED, "error": error_text(exc)}, Outcome.RETRY
         else:
             suffix = f" (after {run.attempts} attempts)" if run.attempts > 1 else ""
-            values, outcome = {"status": JOB_FAILED, "error": error_text(exc) + suffix}, FAILED
+            values, outcome = {"status": JobStatus.FAILED, "error": error_text(exc) + suffix}, Outcome.FAILED
     except BaseException:
         # Ctrl-C in a `--wait` run: nothing will run this job again by itself, so say what happened to it.
         with run.lock:
             if not run.released:
                 interrupted = {
-                    "status": JOB_FAILED,
+                    "status": JobStatus.FAILED,
                     "error": "interrupted",
                     "finished_at": utcnow(),
                     "lease_until": None,
@@ -218,35 +218,39 @@ def attempt_job(
         untrack(job_id)
     seconds = time.monotonic() - start
     with run.lock:
-        if outcome == RELEASED or run.released or run.lost:
-            return Attempt(_read(url, job_id), LOST if run.lost else RELEASED, seconds)
-        if outcome != FAULT:
-            if outcome != RETRY:
+        if outcome == Outcome.RELEASED or run.released or run.lost:
+            return Attempt(_read(url, job_id), Outcome.LOST if run.lost else Outcome.RELEASED, seconds)
+        if outcome != Outcome.FAULT:
+            if outcome != Outcome.RETRY:
                 values["finished_at"] = utcnow()
             values.update(lease_until=None, result=merge_progress(url, run))
             try:
                 if not write(url, fenced(run).values(**values)):
                     log.warning("job %d: lost its lease to another worker before it finished", job_id)
-                    outcome = LOST
+                    outcome = Outcome.LOST
             except Exception as exc:
                 if isinstance(exc, DatabaseGone) or not is_unavailable(exc):
                     raise
-                values, outcome = _fault(job, exc), FAULT  # the work may be done: a handler runs again safely
-    if outcome == FAULT:
+                values, outcome = _fault(job, exc), Outcome.FAULT  # the work may be done: a handler runs again safely
+    if outcome == Outcome.FAULT:
         job.error = values["error"]
         hand_back(url, run, job.error)
-        return Attempt(job, FAULT, seconds)
+        return Attempt(job, Outcome.FAULT, seconds)
     return Attempt(_read(url, job_id), outcome, seconds)
 
 
-def _interrupted(url: str, job_id: int, signum: int) -> tuple[dict[str, Any], str]:
+def _interrupted(url: str, job_id: int, signum: int) -> tuple[dict[str, Any], Outcome]:
     """What a job stopped by a signal comes to: cancelled, keeping what its committed parts counted (`cm jobs retry`
     resumes after them), or done if the signal came after its handler had committed everything."""
     job = _read(url, job_id)
     if job.result.get("committed"):
-        return {"status": JOB_DONE, "counts": dict(job.counts), "error": None}, DONE
+        return {"status": JobStatus.DONE, "counts": dict(job.counts), "error": None}, Outcome.DONE
     error = f"interrupted by {signal.Signals(signum).name}; `cm jobs retry {job_id}` runs the rest"
-    return {"status": JOB_CANCELLED, "error": error, "counts": dict(job.result.get("partial") or {})}, CANCELLED
+    return {
+        "status": JobStatus.CANCELLED,
+        "error": error,
+        "counts": dict(job.result.get("partial") or {}),
+    }, Outcome.CANCELLED
 
 
 def _fault(job: Job, exc: BaseException) -> dict[str, Any]:
@@ -264,7 +268,7 @@ def run_job(url: str, job_id: int, *, worker: str, progress: Progress | None = N
 
 
 def run_in_foreground(
-    url: str, job_id: int, *, worker: str, progress: Progress | None = None, options: dict[str, Any] | None = None
+    url: str, job_id: int, *, worker: str, progress: Progress | None = None, settings: Settings | None = None
 ) -> tuple[Attempt, int]:
     """Run a job in this process (`--wait`), no retry. SIGINT and SIGTERM stop it at once: the part in progress
     rolls back and the job is cancelled with what it committed. Returns the attempt and the signal that stopped it
@@ -274,11 +278,21 @@ def run_in_foreground(
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, interrupt.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        attempt = attempt_job(url, job_id, worker=worker, progress=progress, options=options, interrupt=interrupt)
+        attempt = attempt_job(url, job_id, worker=worker, progress=progress, settings=settings, interrupt=interrupt)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return attempt, interrupt.signum
+
+
+def run_now(
+    settings: Settings, save: Callable[[Session], Job], *, progress: Progress | None = None
+) -> tuple[Attempt, int]:
+    """`--wait`: save a job (`save(session)` creates it and stages its input, committed on its own) and run it
+    here with run_in_foreground. Returns the attempt and the signal that stopped it (0: none)."""
+    with open_session(settings.database_url, create=settings.database_is_default) as session:
+        job_id = int(save(session).id or 0)
+    return run_in_foreground(settings.database_url, job_id, worker="cm --wait", progress=progress, settings=settings)
 
 
 def _read(url: str, job_id: int) -> Job:

@@ -6,8 +6,8 @@ worker stops it."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from huey.exceptions import RetryTask
@@ -16,6 +16,7 @@ from campaign_manager import db
 from campaign_manager.errors import DatabaseError, NotFound
 from campaign_manager.jobs import runner
 from campaign_manager.jobs.health import Health, first_line
+from campaign_manager.states import JobStatus
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
@@ -23,7 +24,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("campaign_manager.worker")
 
 
-ERROR = "error"  # a drain outcome beside jobs' own: the task itself failed (the database was unreachable, say)
+class TaskOutcome(StrEnum):
+    """A drain's outcome beside the attempt's own (runner.Outcome)."""
+
+    ERROR = "error"  # the task itself failed, before or around an attempt (the database was unreachable, say)
+
+
+DrainOutcome = runner.Outcome | TaskOutcome  # what a task came to, as a drain reports it for its job
 
 
 class _RetryLater(Exception):
@@ -38,32 +45,30 @@ class _QuietRetries(logging.Filter):
 
 
 logging.getLogger("huey").addFilter(_QuietRetries())
-_outcome = threading.local()  # the outcome of the last task this thread ran, for the drain's report
 
 
-def clear_outcome() -> None:
-    _outcome.value = None
-
-
-def current_outcome() -> str | None:
-    """What the last task this thread ran came to (None: it did not run)."""
-    return getattr(_outcome, "value", None)
+def _note_outcome(huey: Any, task: Any, value: DrainOutcome, exc: BaseException | None) -> None:
+    """Huey's post-execute hook: what a task came to, into `huey.outcomes` (by the message's id) while a drain
+    collects them (a long-running worker does not: None). A retry is raised, so it is known by its exception;
+    any other exception (the database out of reach, say) is ERROR."""
+    if huey.outcomes is None or not task.args:
+        return
+    raised = runner.Outcome.RETRY if isinstance(exc, _RetryLater) else TaskOutcome.ERROR
+    huey.outcomes[task.id] = value if exc is None else raised
 
 
 def define_task(huey: Any, settings: Settings) -> Any:
     url = settings.database_url
-    retries = int(settings.get("worker.retries"))
-    lease = float(settings.get("worker.lease_seconds"))
-    options = {key: settings.get(key) for key in runner.OPTION_KEYS}
+    retries, lease = settings.worker.retries, settings.worker.lease_seconds
 
     @huey.task(  # type: ignore[untyped-decorator]  # huey ships no type hints
         retries=retries,
-        retry_delay=float(settings.get("worker.retry_delay")),
-        retry_backoff=float(settings.get("worker.retry_backoff")),
+        retry_delay=settings.worker.retry_delay,
+        retry_backoff=settings.worker.retry_backoff,
         context=True,
         name="run_job",
     )
-    def run_job_task(job_id: int, task: Any = None) -> str:
+    def run_job_task(job_id: int, task: Any = None) -> DrainOutcome:
         retries_left = int(task.retries) if task is not None else 0
         return _run(
             huey.health,
@@ -72,9 +77,10 @@ def define_task(huey: Any, settings: Settings) -> Any:
             retries_left=retries_left,
             max_attempts=retries + 1,
             lease=lease,
-            options=options,
+            settings=settings,
         )
 
+    huey.post_execute(name="outcomes")(lambda task, value, exc: _note_outcome(huey, task, value, exc))
     return run_job_task
 
 
@@ -91,9 +97,8 @@ def _run(
     retries_left: int,
     max_attempts: int,
     lease: float,
-    options: dict[str, Any],
-) -> str:
-    _outcome.value = ERROR
+    settings: Settings,
+) -> DrainOutcome:
     deadline = time.monotonic() + NOT_YET_SAVED_S
     while True:
         try:
@@ -105,7 +110,7 @@ def _run(
                 max_attempts=max_attempts,
                 lease_seconds=lease,
                 on_start=_log_start,
-                options=options,
+                settings=settings,
             )
             break
         except NotFound:
@@ -113,11 +118,10 @@ def _run(
                 time.sleep(0.2)
                 continue
             log.warning("job %d does not exist; its queue message is dropped", job_id)
-            _outcome.value = runner.SKIPPED
-            return runner.SKIPPED
+            return runner.Outcome.SKIPPED
         except db.DatabaseGone as exc:
             health.stop_for(exc)
-            return ERROR
+            return TaskOutcome.ERROR
         except Exception as exc:
             if not db.is_unavailable(exc):
                 raise
@@ -125,7 +129,7 @@ def _run(
             health.fault = exc if isinstance(exc, DatabaseError) else db.DatabaseUnavailable(first_line(exc))
             line = f"job {job_id}: the database cannot be written or reached ({first_line(exc)})"
             raise RetryTask(delay=health.database.failed(line)) from None
-    if attempt.outcome == runner.FAULT:
+    if attempt.outcome == runner.Outcome.FAULT:
         # Logged by attempt_job, and handed back: run it again once the delay is over (Huey's retry that does
         # not count: RetryTask leaves the task's retries as they were).
         reason = f"the database cannot be written or reached ({attempt.job.error})"
@@ -133,8 +137,7 @@ def _run(
         raise RetryTask(delay=health.database.failed(None))
     health.database.succeeded()
     _log_end(attempt)
-    _outcome.value = attempt.outcome
-    if attempt.outcome == runner.RETRY:
+    if attempt.outcome == runner.Outcome.RETRY:
         raise _RetryLater(attempt.job.error)
     return attempt.outcome
 
@@ -150,15 +153,15 @@ def _log_start(job: Any) -> None:
 def _log_end(attempt: runner.Attempt) -> None:
     job, outcome, secs = attempt.job, attempt.outcome, attempt.seconds
     extra = _fields(job, outcome=outcome, seconds=round(secs, 3))
-    if outcome == runner.DONE:
+    if outcome == runner.Outcome.DONE:
         counts = ", ".join(f"{k}={v}" for k, v in job.counts.items()) or "no counts"
         log.info("job %d (%s) done in %.1fs: %s", job.id, job.kind, secs, counts, extra=extra)
-    elif outcome == runner.FAILED:
+    elif outcome == runner.Outcome.FAILED:
         log.warning("job %d (%s) failed: %s", job.id, job.kind, job.error, extra=extra)
-    elif outcome == runner.RETRY:
+    elif outcome == runner.Outcome.RETRY:
         log.warning("job %d (%s) failed, will be retried: %s", job.id, job.kind, job.error, extra=extra)
-    elif outcome == runner.SKIPPED:
-        held = f" by {job.worker}" if job.status == "running" else ""
+    elif outcome == runner.Outcome.SKIPPED:
+        held = f" by {job.worker}" if job.status == JobStatus.RUNNING else ""
         log.info("job %d (%s) skipped: it is %s%s", job.id, job.kind, job.status, held, extra=extra)
     else:
         log.warning("job %d (%s) %s: it will run again", job.id, job.kind, outcome, extra=extra)

@@ -6,16 +6,28 @@ import os
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, NamedTuple
 
-from campaign_manager.notifiers import Message
+from campaign_manager.notifiers import Message, key
+
+
+class OutboxSettings(NamedTuple):
+    """[notifiers.outbox]"""
+
+    folder: Annotated[
+        Path,
+        key(
+            "the folder each message is written to, as an .eml file (made if missing)", env="CM_NOTIFIERS_OUTBOX_FOLDER"
+        ),
+    ] = Path("outbox")
 
 
 class OutboxNotifier:
     name = "outbox"
+    config_class = OutboxSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.folder = Path(config.get("path", "outbox")).expanduser()
+    def __init__(self, config: OutboxSettings) -> None:
+        self.folder = config.folder.expanduser()
 
     def send(self, message: Message) -> str:
         mail = EmailMessage()
@@ -25,8 +37,8 @@ class OutboxNotifier:
             mail["From"] = message.sender
         msgid = make_msgid(domain="cm.local")
         mail["Message-ID"] = msgid
-        for key, value in message.headers.items():
-            mail[key] = value
+        for name, value in message.headers.items():
+            mail[name] = value
         mail.set_content(message.text)
         if message.html:
             mail.add_alternative(message.html, subtype="html")

@@ -1,0 +1,86 @@
+"""cm's own settings: one class a table of campaign.toml, one field a key (see `keys`). `config` reads them; this is
+the single list of cm's keys (the loader, `cm config show`, campaign.toml.example and the README's table all follow
+it).
+
+NamedTuples, and no `from __future__ import annotations`: every command loads this module, and a NamedTuple with
+its annotations as objects costs a tenth of a frozen dataclass to define.
+"""
+
+from typing import Annotated, NamedTuple
+
+from campaign_manager.keys import Key, declared, key
+
+
+class DatabaseSettings(NamedTuple):
+    url: Annotated[
+        str,
+        key(
+            "SQLite path or URL, or a postgresql:// URL",
+            env="CM_DATABASE_URL",
+            example='"cm.db"  # default: $XDG_DATA_HOME/campaign-manager/cm.db',
+        ),
+    ] = ""  # not set: load_settings works it out (in the data folder)
+
+
+class QueueSettings(NamedTuple):
+    url: Annotated[
+        str,
+        key(
+            "Huey storage: SQLite path or URL, postgresql:// or redis://",
+            env="CM_QUEUE_URL",
+            example='"cm-queue.db"  # default: beside the database (SQLite) or in it (PostgreSQL)',
+        ),
+    ] = ""  # not set: load_settings works it out (from the database's)
+    name: Annotated[str, key("queue name, so that several databases can share one server", env="CM_QUEUE_NAME")] = "cm"
+
+
+class WorkerSettings(NamedTuple):
+    workers: Annotated[int, key("threads of a long-running `cm worker`", env="CM_WORKER_WORKERS")] = 1
+    retries: Annotated[
+        int, key("times a failed job is retried before it is marked failed", env="CM_WORKER_RETRIES")
+    ] = 3
+    retry_delay: Annotated[float, key("seconds before the first retry", env="CM_WORKER_RETRY_DELAY")] = 10.0
+    retry_backoff: Annotated[float, key("each retry waits this many times longer", env="CM_WORKER_RETRY_BACKOFF")] = 2.0
+    lease_seconds: Annotated[
+        float, key("a running job not heard from this long is retaken", env="CM_WORKER_LEASE_SECONDS")
+    ] = 60.0
+
+
+class ImportSettings(NamedTuple):
+    segment_rows: Annotated[
+        int,
+        key(
+            "the most rows an import applies per transaction; 0 = automatic (SQLite sizes them to hold its lock"
+            " ~0.5 s)",
+            env="CM_IMPORT_SEGMENT_ROWS",
+        ),
+    ] = 0
+
+
+class JobsSettings(NamedTuple):
+    keep_files_days: Annotated[
+        float,
+        key(
+            "days a finished, failed or cancelled job keeps its staged upload before workers purge it",
+            env="CM_JOBS_KEEP_FILES_DAYS",
+        ),
+    ] = 7.0
+
+
+class LogSettings(NamedTuple):
+    level: Annotated[str, key("debug, info, warning or error", env="CM_LOG_LEVEL")] = "warning"
+    format: Annotated[str, key("text or json (one JSON object a line, on stderr)", env="CM_LOG_FORMAT")] = "text"
+
+
+# table of campaign.toml -> its section. Settings has an attribute for each, named alike except `imports`
+# (`import` is a Python keyword).
+SECTIONS: dict[str, type] = {
+    "database": DatabaseSettings,
+    "queue": QueueSettings,
+    "worker": WorkerSettings,
+    "import": ImportSettings,
+    "jobs": JobsSettings,
+    "log": LogSettings,
+}
+# Every key of cm's own tables, by dotted name.
+KEYS: dict[str, Key] = {f"{table}.{k.name}": k for table, cls in SECTIONS.items() for k in declared(cls)}
