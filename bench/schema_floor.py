@@ -1,14 +1,15 @@
 """The database's share of an import, alone: what the set-based SQL of an import costs on cm's own tables.
 
 The rows are parsed and prepared before the clock starts (no validation beyond "has an @", no consent checks, no
-counts, no rejects, no segments), then timed: staging them (multi-row VALUES on SQLite, COPY on PostgreSQL),
-keeping the first line of each address in address order (GROUP BY on SQLite, DISTINCT ON on PostgreSQL), creating
-the recipients and making them members of the group, and the commit. The statements are the ones cm's import runs
-(imports/sqlite.py, imports/postgres.py): on SQLite with foreign keys off (as on cm's import connection) and the
-memberships taken from the new ids' range; on PostgreSQL the recipients created without ON CONFLICT under a lock
-on `recipient` and their ids, from INSERT ... RETURNING, fed to the memberships, in segments of 200,000 addresses
-(the foreign-key triggers of group_member queue an event per row until the statement ends). It is what any import
-into these tables must at least do, so it is the ceiling for cm's import, printed beside its figure.
+counts, no rejects, no segments on SQLite), then timed: staging them (multi-row VALUES on SQLite, COPY on
+PostgreSQL), keeping the first line of each address in address order (on SQLite INSERT OR IGNORE, in order, into a
+table whose key is unique; on PostgreSQL DISTINCT ON), creating the recipients and making them members of the
+group, and the commit. The statements are the ones cm's import runs (imports/sqlite.py, imports/postgres.py): on
+SQLite with foreign keys off (as on cm's import connection) and the memberships taken from the new ids' range; on
+PostgreSQL the recipients created without ON CONFLICT under a lock on `recipient` and their ids, from INSERT ...
+RETURNING, fed to the memberships, in segments of 200,000 addresses (the foreign-key triggers of group_member queue
+an event per row until the statement ends). It is what any import into these tables must at least do, so it is the
+ceiling for cm's import, printed beside its figure.
 
 Run by bench/imports.py in a process of its own, against a database cm has created with the group "bench":
     python -m bench.schema_floor DATABASE CSV_FILE        # prints {"rows": N, "seconds": S, "steps": {...}}
@@ -67,7 +68,7 @@ def sqlite_floor(path: str, rows: list[tuple[Any, ...]], steps: Steps) -> None:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     (group,) = con.execute("SELECT id FROM recipient_group WHERE name = ?", (GROUP,)).fetchone()
     con.execute(f"CREATE TEMP TABLE s ({STAGED})")
-    con.execute(f"CREATE TEMP TABLE t (pos INTEGER PRIMARY KEY, {STAGED})")
+    con.execute(f"CREATE TEMP TABLE t (pos INTEGER PRIMARY KEY, {STAGED}, UNIQUE (key))")
     one = "(?, ?, ?, ?, ?)"
     with steps.step("stage"):
         con.execute("BEGIN")
@@ -77,8 +78,8 @@ def sqlite_floor(path: str, rows: list[tuple[Any, ...]], steps: Steps) -> None:
         con.execute("COMMIT")
     with steps.step("sort"):
         con.execute(
-            "INSERT INTO t (line, key, email, name, attributes)"
-            " SELECT min(line), key, email, name, attributes FROM s GROUP BY key ORDER BY key"
+            "INSERT OR IGNORE INTO t (line, key, email, name, attributes)"
+            " SELECT line, key, email, name, attributes FROM s ORDER BY key, line"
         )
     con.execute("BEGIN IMMEDIATE")
     before = con.execute("SELECT coalesce(max(id), 0) FROM recipient").fetchone()[0]

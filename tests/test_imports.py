@@ -186,9 +186,9 @@ def test_the_staging_tables_follow_the_row_types() -> None:
         "CREATE TEMP TABLE cm_staged (line INTEGER NOT NULL, key TEXT NOT NULL, email TEXT, name TEXT,"
         " gone INTEGER NOT NULL, normalized INTEGER NOT NULL, attributes TEXT NOT NULL)"
     )
-    assert create_table("cm_rejects", Reject, first="pos INTEGER PRIMARY KEY") == (
+    assert create_table("cm_rejects", Reject, first="pos INTEGER PRIMARY KEY", constraint="UNIQUE (line)") == (
         "CREATE TEMP TABLE cm_rejects (pos INTEGER PRIMARY KEY, line INTEGER NOT NULL, raw TEXT NOT NULL,"
-        " reason TEXT NOT NULL)"
+        " reason TEXT NOT NULL, UNIQUE (line))"
     )
 
     class Odd(NamedTuple):

@@ -45,9 +45,9 @@ def columns(row: type[tuple[Any, ...]]) -> str:
     return ", ".join(row._fields)  # type: ignore[attr-defined]
 
 
-def create_table(name: str, row: type[tuple[Any, ...]], *, first: str = "") -> str:
+def create_table(name: str, row: type[tuple[Any, ...]], *, first: str = "", constraint: str = "") -> str:
     """`CREATE TEMP TABLE name (...)` with a column for each field of the NamedTuple `row`: INTEGER or TEXT, NOT
-    NULL unless the field may be None. `first`, a column definition, goes before them."""
+    NULL unless the field may be None. `first`, a column definition, goes before them, `constraint` after."""
     hints = get_type_hints(row)
     defined = [first] if first else []
     for field in row._fields:  # type: ignore[attr-defined]
@@ -58,4 +58,4 @@ def create_table(name: str, row: type[tuple[Any, ...]], *, first: str = "") -> s
             raise TypeError(f"{row.__name__}.{field}: no SQL type for {hint!r}")
         nullable = union and type(None) in get_args(hint)
         defined.append(f"{field} {_SQL_TYPES[kinds[0]]}{'' if nullable else ' NOT NULL'}")
-    return f"CREATE TEMP TABLE {name} ({', '.join(defined)})"
+    return f"CREATE TEMP TABLE {name} ({', '.join([*defined, *filter(None, [constraint])])})"

