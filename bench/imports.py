@@ -23,9 +23,9 @@ from bench import pg, proc
 from bench.gen import Dataset, describe
 from bench.report import Baseline, Figure, Report, Target
 
-SQLITE_TARGET = 200_000.0
-POSTGRES_TARGET = 80_000.0
-WAIT_TARGET = 100_000.0
+SQLITE_TARGET = 140_000.0
+POSTGRES_TARGET = 55_000.0
+WAIT_TARGET = 85_000.0
 RSS_TARGET_MB = 150.0
 LOCK_TARGET_MS = 1_000.0
 GROUP = "bench"

@@ -1,11 +1,15 @@
 """The database's share of an import, alone: what the set-based SQL of an import costs on cm's own tables.
 
 The rows are parsed and prepared before the clock starts (no validation beyond "has an @", no consent checks, no
-counts, no rejects), then timed: staging them (multi-row VALUES on SQLite, COPY on PostgreSQL), one
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING` into recipient, one into group_member (with its foreign keys) and
-the commit; on SQLite also the sort that puts the rows in key order (without it both inserts are slower), on
-PostgreSQL per segment of 200,000 rows (faster there than one statement each). It is what any import into these
-tables must at least do, so it is the ceiling for cm's import, printed beside its figure.
+counts, no rejects, no segments on SQLite), then timed: staging them (multi-row VALUES on SQLite, COPY on
+PostgreSQL), keeping the first line of each address in address order (on SQLite INSERT OR IGNORE, in order, into a
+table whose key is unique; on PostgreSQL DISTINCT ON), creating the recipients and making them members of the
+group, and the commit. The statements are the ones cm's import runs (imports/sqlite.py, imports/postgres.py): on
+SQLite with foreign keys off (as on cm's import connection) and the memberships taken from the new ids' range; on
+PostgreSQL the recipients created without ON CONFLICT under a lock on `recipient` and their ids, from INSERT ...
+RETURNING, fed to the memberships, in segments of 200,000 addresses (the foreign-key triggers of group_member queue
+an event per row until the statement ends). It is what any import into these tables must at least do, so it is the
+ceiling for cm's import, printed beside its figure.
 
 Run by bench/imports.py in a process of its own, against a database cm has created with the group "bench":
     python -m bench.schema_floor DATABASE CSV_FILE        # prints {"rows": N, "seconds": S, "steps": {...}}
@@ -27,6 +31,8 @@ from typing import Any
 GROUP = "bench"
 ROWS_PER_INSERT = 500
 SEGMENT_ROWS = 200_000
+STAGED = "line INTEGER NOT NULL, key TEXT NOT NULL, email TEXT NOT NULL, name TEXT, attributes TEXT NOT NULL"
+RECIPIENT = "recipient (email, email_key, name, attributes, status, created_at, updated_at)"
 
 
 def prepare(path: str) -> list[tuple[int, str, str, str | None, str]]:
@@ -56,31 +62,37 @@ class Steps:
 
 def sqlite_floor(path: str, rows: list[tuple[Any, ...]], steps: Steps) -> None:
     con = sqlite3.connect(path, isolation_level=None)
-    # The settings cm's own connection uses for an import (db.configure_sqlite and the import backend).
-    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON", "cache_size = -16000"):
+    # The settings cm's own connection uses for an import (db.configure_sqlite and imports/sqlite.py).
+    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = OFF", "cache_size = -16000"):
         con.execute(f"PRAGMA {pragma}")
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     (group,) = con.execute("SELECT id FROM recipient_group WHERE name = ?", (GROUP,)).fetchone()
-    con.execute("BEGIN IMMEDIATE")
-    con.execute("CREATE TEMP TABLE s (line INTEGER PRIMARY KEY, key TEXT, email TEXT, name TEXT, attributes TEXT)")
+    con.execute(f"CREATE TEMP TABLE s ({STAGED})")
+    con.execute(f"CREATE TEMP TABLE t (pos INTEGER PRIMARY KEY, {STAGED}, UNIQUE (key))")
     one = "(?, ?, ?, ?, ?)"
     with steps.step("stage"):
+        con.execute("BEGIN")
         for start in range(0, len(rows), ROWS_PER_INSERT):
             part = rows[start : start + ROWS_PER_INSERT]
             con.execute(f"INSERT INTO s VALUES {', '.join([one] * len(part))}", list(chain.from_iterable(part)))
+        con.execute("COMMIT")
     with steps.step("sort"):
-        con.execute("CREATE TEMP TABLE t AS SELECT * FROM s ORDER BY key, line")
+        con.execute(
+            "INSERT OR IGNORE INTO t (line, key, email, name, attributes)"
+            " SELECT line, key, email, name, attributes FROM s ORDER BY key, line"
+        )
+    con.execute("BEGIN IMMEDIATE")
+    before = con.execute("SELECT coalesce(max(id), 0) FROM recipient").fetchone()[0]
     with steps.step("recipients"):
         con.execute(
-            "INSERT INTO recipient (email, email_key, name, attributes, status, created_at, updated_at)"
-            " SELECT email, key, name, attributes, 'active', ?, ? FROM t WHERE true ON CONFLICT DO NOTHING",
+            f"INSERT INTO {RECIPIENT} SELECT email, key, name, attributes, 'active', ?, ? FROM t WHERE true"
+            " ORDER BY pos ON CONFLICT DO NOTHING",
             (now, now),
         )
     with steps.step("members"):
         con.execute(
-            "INSERT INTO group_member (group_id, recipient_id, added_at) SELECT ?, r.id, ? FROM t"
-            " JOIN recipient r ON r.email_key = t.key WHERE true ON CONFLICT DO NOTHING",
-            (group, now),
+            "INSERT INTO group_member (group_id, recipient_id, added_at) SELECT ?, id, ? FROM recipient WHERE id > ?",
+            (group, now, before),
         )
     with steps.step("commit"):
         con.execute("COMMIT")
@@ -88,39 +100,40 @@ def sqlite_floor(path: str, rows: list[tuple[Any, ...]], steps: Steps) -> None:
 
 
 def postgres_floor(url: str, rows: list[tuple[Any, ...]], steps: Steps) -> None:
-    """In segments of 200,000 rows, as cm does: on PostgreSQL five segments beat one statement over 1,000,000 rows
-    (the foreign-key triggers of group_member queue an event per row until the statement ends)."""
     import psycopg
 
     with psycopg.connect(url) as con, con.cursor() as cur:
         (group,) = cur.execute("SELECT id FROM recipient_group WHERE name = %s", (GROUP,)).fetchone() or (None,)
-        # cm's import settings: room for the staged rows in memory, and for the sorts.
-        cur.execute("SET temp_buffers = '256MB'")
-        cur.execute("SET work_mem = '64MB'")
-        cur.execute("CREATE TEMP TABLE s (line integer, key text, email text, name text, attributes text)")
-        for start in range(0, len(rows), SEGMENT_ROWS):
-            with steps.step("stage"):
-                cur.execute("TRUNCATE s")
-                with cur.copy("COPY s FROM STDIN") as copy:
-                    for row in rows[start : start + SEGMENT_ROWS]:
-                        copy.write_row(row)
-                cur.execute("ANALYZE s")
-            with steps.step("recipients"):
-                cur.execute(
-                    "INSERT INTO recipient (email, email_key, name, attributes, status, created_at, updated_at)"
-                    " SELECT email, key, name, attributes::json, 'active', now(), now() FROM s ORDER BY line"
-                    " ON CONFLICT DO NOTHING"
-                )
-                if not start:
-                    cur.execute("ANALYZE recipient")
-            with steps.step("members"):
-                cur.execute(
-                    "INSERT INTO group_member (group_id, recipient_id, added_at) SELECT %s, r.id, now() FROM s"
-                    " JOIN recipient r ON r.email_key = s.key ON CONFLICT DO NOTHING",
-                    (group,),
-                )
-        with steps.step("commit"):
+        # cm's import settings: room for the staged rows in memory, and for the sorts; lookups by index.
+        for setting in ("temp_buffers = '256MB'", "work_mem = '64MB'", "enable_hashjoin = off"):
+            cur.execute(f"SET {setting}")
+        cur.execute("SET enable_mergejoin = off")
+        cur.execute(f"CREATE TEMP TABLE s ({STAGED})")
+        cur.execute(f"CREATE TEMP TABLE t (pos INTEGER PRIMARY KEY, {STAGED})")
+        with steps.step("stage"), cur.copy("COPY s FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        with steps.step("sort"):
+            cur.execute(
+                "INSERT INTO t SELECT row_number() OVER (ORDER BY key), * FROM"
+                " (SELECT DISTINCT ON (key) * FROM s ORDER BY key, line) first_lines"
+            )
+            cur.execute("ANALYZE t")
+            (positions,) = cur.execute("SELECT count(*) FROM t").fetchone() or (0,)
             con.commit()
+        for first in range(1, positions + 1, SEGMENT_ROWS):
+            with steps.step("recipients and members"):
+                cur.execute("LOCK TABLE recipient IN SHARE ROW EXCLUSIVE MODE")
+                cur.execute(
+                    f"WITH created AS (INSERT INTO {RECIPIENT}"
+                    " SELECT email, key, name, attributes::json, 'active', now(), now() FROM t u"
+                    " WHERE pos BETWEEN %s AND %s AND NOT EXISTS (SELECT FROM recipient r WHERE r.email_key = u.key)"
+                    " ORDER BY pos RETURNING id)"
+                    " INSERT INTO group_member (group_id, recipient_id, added_at) SELECT %s, id, now() FROM created",
+                    (first, first + SEGMENT_ROWS - 1, group),
+                )
+            with steps.step("commit"):
+                con.commit()
 
 
 def main(argv: list[str]) -> int:

@@ -4,19 +4,26 @@ fails the job at once, and a command that reports a failure leaves no job behind
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
 
 from campaign_manager import db
+from campaign_manager.imports import service as import_service
+from campaign_manager.imports.apply import Applier
+from campaign_manager.imports.postgres import PostgresApplier
+from campaign_manager.imports.sqlite import SqliteApplier
 from campaign_manager.jobs import records, runner, tasks
 from campaign_manager.models import Job, utcnow
 from conftest import CM_BIN, Run, assert_error, make_cm, small_segments
@@ -262,3 +269,123 @@ def test_a_failure_at_the_commit_leaves_no_job_behind(
     monkeypatch.setattr(tasks, "NOT_YET_SAVED_S", 0.2)
     assert "1 skipped" in cm("worker --drain").stderr  # the message whose job never committed
     assert cm("jobs list --json").json() == [] and cm("group show news --json").json()["members"] == 0
+
+
+def _overlapping(path: Path, own: str, *, upper: bool) -> Path:
+    """SHARED addresses every file has (first in address order), then OWN of its own; every tenth shared address
+    is given twice (a duplicate), and the shared ones in upper case if `upper`."""
+    lines = ["email,name"]
+    for i in range(SHARED):
+        address = f"a-shared{i}@example.com"
+        lines.append(f"{address.upper() if upper else address},S{i}")
+        if i % 10 == 0:
+            lines.append(f"{address},again")
+    lines += [f"{own}{i}@example.com,O{i}" for i in range(OWN)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+SHARED, OWN = 20_000, 5_000
+
+
+def test_two_overlapping_imports_at_once_count_exactly(
+    cm: Cm, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two imports of overlapping files at once, whose first segments try to apply the same addresses at the same
+    moment: they take turns (SQLite's write lock; on PostgreSQL the lock on `recipient` that lets a segment create
+    recipients without ON CONFLICT, without which one of the two fails on the unique address key). Every address
+    gets one recipient, made by one of the two, and each job's counts are exact."""
+    small_segments(monkeypatch, 1_000)
+    cm("group create one")
+    cm("group create two")
+    one = _overlapping(tmp_path / "one.csv", "x-one", upper=False)
+    two = _overlapping(tmp_path / "two.csv", "y-two", upper=True)
+    job_ids = [int(cm(["group", "add-recipients", g, "--csv", str(p)]).stdout) for g, p in (("one", one), ("two", two))]
+
+    # Each run's first segment, once it holds what it holds, waits (up to 2 s) for the other's to get as far.
+    meet = threading.Barrier(2, timeout=2)
+    met: list[int] = []
+
+    def meeting(hold: Callable[..., None]) -> Callable[..., None]:
+        def hold_then_meet(self: Applier, *, recipients: bool) -> None:
+            hold(self, recipients=recipients)
+            if recipients and self.job_id not in met:
+                met.append(self.job_id)
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    meet.wait()
+
+        return hold_then_meet
+
+    for kind in (SqliteApplier, PostgresApplier):
+        monkeypatch.setattr(kind, "hold_writers", meeting(kind.hold_writers))
+    outcomes: dict[int, dict[str, int] | BaseException] = {}
+
+    def run(job_id: int) -> None:
+        try:
+            outcomes[job_id] = import_service.run_import_job(db_url, job_id)
+        except BaseException as exc:  # reported below
+            outcomes[job_id] = exc
+
+    threads = [threading.Thread(target=run, args=(job_id,)) for job_id in job_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(met) == job_ids
+
+    counts = [outcomes[job_id] for job_id in job_ids]
+    assert all(isinstance(c, dict) for c in counts), counts
+    counts = cast(list[dict[str, int]], counts)
+    for c in counts:
+        assert c["read"] == SHARED * 11 // 10 + OWN and c["duplicates"] == SHARED // 10
+        assert c["added"] == SHARED + OWN and c["created"] >= OWN
+        assert c["invalid"] == c["suppressed"] == c["already_member"] == c["updated"] == 0
+    assert counts[0]["created"] + counts[1]["created"] == SHARED + 2 * OWN  # each shared one created once
+    with db.get_engine(db_url).connect() as conn:
+        found = conn.execute(sa.text("SELECT count(*), count(DISTINCT lower(email)) FROM recipient")).one()
+        members = conn.execute(sa.text("SELECT count(*), count(DISTINCT recipient_id) FROM group_member")).one()
+    assert tuple(found) == (SHARED + 2 * OWN,) * 2
+    assert tuple(members) == (2 * (SHARED + OWN), SHARED + 2 * OWN)
+
+
+def test_a_group_deleted_between_segments_fails_the_job_and_leaves_no_orphan(
+    news: Cm, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each segment finds its group first and keeps it until it commits (on SQLite the import's connection checks
+    no foreign keys: this is what keeps memberships from pointing at a group that is gone)."""
+    small_segments(monkeypatch, 100)
+    path = tmp_path / "people.csv"
+    path.write_text("email\n" + "".join(f"g{i}@example.com\n" for i in range(1_000)), encoding="utf-8")
+    job_id = int(news(["group", "add-recipients", "news", "--csv", str(path)]).stdout)
+    deleted = []
+
+    def delete_group(done: int, total: int) -> None:
+        if not deleted and _segments(db_url, job_id) == 3:
+            deleted.append(done)
+            news("group delete news")
+
+    attempt = runner.attempt_job(db_url, job_id, worker="me", progress=delete_group)
+    assert deleted and attempt.outcome == runner.Outcome.FAILED and "no longer exists" in (attempt.job.error or "")
+    assert attempt.job.result["partial"]["created"] == 300  # what the three segments before it made is kept
+    with db.get_engine(db_url).connect() as conn:
+        orphans = "SELECT count(*) FROM group_member WHERE group_id NOT IN (SELECT id FROM recipient_group)"
+        assert conn.execute(sa.text(orphans)).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM recipient")).scalar() == 300
+
+
+def test_the_sqlite_import_connection_checks_no_foreign_keys(sqlite_url: str, tmp_path: Path) -> None:
+    cm = make_cm(sqlite_url)
+    cm("group create news")
+    path = tmp_path / "people.csv"
+    path.write_text("email\nada@example.com\n", encoding="utf-8")
+    job_id = int(cm(["group", "add-recipients", "news", "--csv", str(path)]).stdout)
+    with db.open_session(sqlite_url, write=False) as session:
+        args = records.get_job(session, job_id).args
+    applier = SqliteApplier(db.get_engine(sqlite_url), job_id, args)
+    try:
+        assert applier.start() is None
+        assert applier.scalar("PRAGMA foreign_keys") == 0
+    finally:
+        applier.close()
+    with db.get_engine(sqlite_url).connect() as conn:  # cm's other connections still check them
+        assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1

@@ -5,15 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import pytest
 
+from campaign_manager.audience.addresses import email_hash
 from campaign_manager.imports import parse as import_parse
 from campaign_manager.imports import service as imports
+from campaign_manager.imports.csvfile import inspect_csv
+from campaign_manager.imports.rows import Reject, StagedRow, create_table
 from campaign_manager.jobs import runner
 from conftest import Run, small_segments
 
@@ -39,31 +41,12 @@ def news(cm: Callable[..., Run]) -> Callable[..., Run]:
     return cm
 
 
-@pytest.fixture(params=["one-segment", "many-segments", "helper-process"])
+@pytest.fixture(params=["one-segment", "many-segments"])
 def segments(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the test with the whole file in one segment, with segments of two rows (each extended to the end of its
-    last address), read in batches of one, and parsed by the helper process in batches of one: the counts must
-    come out the same whatever the segments and batches."""
-    if request.param == "helper-process":
-        _use_helper(monkeypatch)
-        monkeypatch.setattr(imports, "BATCH_ROWS", 1)
+    """Run the test with the whole file in one segment, and with segments of two addresses read in batches of one:
+    the counts must come out the same whatever the segments and batches."""
     if request.param == "many-segments":
         small_segments(monkeypatch, 2, batch_rows=1)
-
-
-def _use_helper(monkeypatch: pytest.MonkeyPatch) -> list[import_parse.ParseProcess]:
-    """Parse every import in the helper process, whatever its size; returns the helpers started."""
-    started: list[import_parse.ParseProcess] = []
-
-    class Recorded(import_parse.ParseProcess):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            started.append(self)
-
-    monkeypatch.setattr(imports, "HELPER_MIN_BYTES", 0)
-    monkeypatch.setattr(imports.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(imports, "ParseProcess", Recorded)
-    return started
 
 
 @pytest.mark.parametrize(
@@ -180,6 +163,39 @@ def test_json_objects_match_json_dumps() -> None:
     got = [json.loads(text) for text in import_parse.json_columns(by_column, len(rows))]
     assert got == [{name: r[i] for i, name in columns if r[i]} for r in rows]
     assert import_parse.json_columns([], 3) == ["{}"] * 3
+
+
+def test_the_parser_makes_typed_rows() -> None:
+    """What the parser stages for each row: the key, the address only where it differs from it, whether SQL
+    still lowercases its domain, the forgotten flag; rejects with their line and reason."""
+    data = "email,name,city\nAda@Example.COM,Ada,Paris\nbob@example.com,,\nJosé@Example.com,J,Rome\nnope,N,x\n"
+    layout = inspect_csv(data.encode(), name="x.csv")
+    forgotten = {email_hash("bob@example.com")}
+    (batch,) = import_parse.parse(layout, iter([data.encode()]), forgotten, 100)
+    assert batch.read == 4 and batch.rows == [
+        StagedRow(2, "ada@example.com", "Ada@Example.COM", "Ada", 0, 0, '{"city":"Paris"}'),
+        StagedRow(3, "bob@example.com", None, None, 1, 0, "{}"),
+        StagedRow(4, "josé@example.com", "José@example.com", "J", 0, 1, '{"city":"Rome"}'),
+    ]
+    assert all(type(row) is StagedRow for row in batch.rows)
+    assert [(r.line, r.raw) for r in batch.rejects] == [(5, "nope,N,x")] and type(batch.rejects[0]) is Reject
+
+
+def test_the_staging_tables_follow_the_row_types() -> None:
+    assert create_table("cm_staged", StagedRow) == (
+        "CREATE TEMP TABLE cm_staged (line INTEGER NOT NULL, key TEXT NOT NULL, email TEXT, name TEXT,"
+        " gone INTEGER NOT NULL, normalized INTEGER NOT NULL, attributes TEXT NOT NULL)"
+    )
+    assert create_table("cm_rejects", Reject, first="pos INTEGER PRIMARY KEY", constraint="UNIQUE (line)") == (
+        "CREATE TEMP TABLE cm_rejects (pos INTEGER PRIMARY KEY, line INTEGER NOT NULL, raw TEXT NOT NULL,"
+        " reason TEXT NOT NULL, UNIQUE (line))"
+    )
+
+    class Odd(NamedTuple):
+        share: float
+
+    with pytest.raises(TypeError, match=r"Odd\.share"):
+        create_table("odd", Odd)
 
 
 def test_update_existing(news: Callable[..., Run], tmp_path: Path, segments: None) -> None:
@@ -315,17 +331,12 @@ def test_wait_shows_no_progress_bar_when_stderr_is_not_a_terminal(news: Callable
     assert "created 1" in run.stderr  # the summary still goes to stderr
 
 
-def test_helper_process_imports_and_reports_broken_csv(
+def test_a_quote_never_closed_is_one_cut_reject_and_reading_goes_on(
     news: Callable[..., Run], db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started = _use_helper(monkeypatch)
+    """A quote never closed swallows the lines after it into one field, past the reader's limit: that record is one
+    reject (cut, with its line), and reading goes on after it, across batches."""
     monkeypatch.setattr(imports, "BATCH_ROWS", 7)
-    good = "email,name\n" + "".join(f"p{i}@example.com,P{i}\n" for i in range(100)) + "bad,x\n"
-    counts = _import(news, _write(tmp_path, good))
-    assert counts["created"] == 100 and counts["invalid"] == 1 and counts["read"] == 101
-    assert len(started) == 1 and started[0]._proc.returncode == 0  # it ran, and ended by itself
-    # A quote never closed swallows the lines after it into one field, past the reader's limit: that record is one
-    # reject (cut, with its line), and reading goes on after it, in the helper as in the job's own process.
     rows = "".join(f"q{i}@example.com,Q{i}\n" for i in range(30)) + 'r@example.com,"open\n' + "x,y\n" * 50_000
     counts = _import(news, _write(tmp_path, "email,name\n" + rows + "last@example.com,L\n"))
     assert counts["created"] == 31 and counts["read"] > 31  # the 30 before it, and the last row after it
@@ -333,9 +344,10 @@ def test_helper_process_imports_and_reports_broken_csv(
     first = list(csv.reader(io.StringIO(news(f"jobs show {job_id} --rejects").stdout)))[1]
     assert first[0] == "32" and "longer than 131,072 characters" in first[1] and "first 65,536" in first[1]
     assert first[2].startswith('r@example.com,"open') and len(first[2]) == 65_536
-    assert news("group show news --json").json()["members"] == 131
+    assert news("group show news --json").json()["members"] == 31
 
-    # A worker giving the job back (its progress callback raises) stops the helper too; the next run does it all.
+    # A worker giving the job back (its progress callback raises) while it reads: the next run does it all.
+    good = "email,name\n" + "".join(f"p{i}@example.com,P{i}\n" for i in range(100)) + "bad,x\n"
     job_id = int(news(["group", "add-recipients", "news", "--csv", str(_write(tmp_path, good))]).stdout.strip())
 
     def give_back(done: int, total: int) -> None:
@@ -343,40 +355,6 @@ def test_helper_process_imports_and_reports_broken_csv(
 
     with pytest.raises(runner.JobReleased):
         imports.run_import_job(db_url, job_id, give_back)
-    assert started[-1]._proc.returncode is not None
-    assert imports.run_import_job(db_url, job_id)["already_member"] == 100
-
-
-def test_helper_process_that_dies_fails_the_job_and_close_reaps_it() -> None:
-    from campaign_manager.imports.csvfile import inspect_csv
-
-    data = b"email\n" + b"".join(b"p%d@example.com\n" % i for i in range(50_000))
-    layout = inspect_csv(data[:4096], name="x.csv")
-    chunks = (data[i : i + 4096] for i in range(0, len(data), 4096))
-    helper = import_parse.ParseProcess(layout, chunks, set(), 100)
-    batches = iter(helper)
-    first = next(batches)
-    assert first.read == 100 and first.rows[0][:2] == (2, "p0@example.com")
-    helper._proc.kill()
-    with pytest.raises(RuntimeError, match="the parsing process stopped"):
-        for _ in batches:
-            pass
-    helper.close()
-    assert helper._proc.returncode is not None
-
-    # SIGTERM and SIGINT (a service or a terminal stopping the worker's whole group) leave the helper running: the
-    # worker decides whether the job finishes in its grace period or is handed back.
-    helper = import_parse.ParseProcess(layout, iter([data]), set(), 100)
-    batches = iter(helper)
-    next(batches)
-    helper._proc.send_signal(signal.SIGTERM)
-    helper._proc.send_signal(signal.SIGINT)
-    assert sum(batch.read for batch in batches) == 50_000 - 100
-    helper.close()
-    assert helper._proc.returncode == 0
-
-    # Closed half-way through, it is stopped and reaped rather than left running.
-    helper = import_parse.ParseProcess(layout, iter([data]), set(), 100)
-    next(iter(helper))
-    helper.close()
-    assert helper._proc.returncode is not None
+    assert news("group show news --json").json()["members"] == 31
+    counts = imports.run_import_job(db_url, job_id)
+    assert counts["created"] == counts["added"] == 100 and counts["invalid"] == 1

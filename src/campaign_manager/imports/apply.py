@@ -1,26 +1,28 @@
-"""The SQL side of an import: stage every row, then apply them in short, committed segments of addresses.
+"""The SQL side of an import: stage every row, then apply the file's addresses in short, committed segments.
 
-While the file is read, its good rows are staged into a temporary table and its rejected rows into another; that
-takes no lock of the database (temporary tables live in a database of their own). Then the rows are sorted by
-address (and line), the rejected rows are stored, and the sorted rows are applied in segments: ranges of addresses,
-each holding every row of its addresses, each one transaction that also records the job's progress (the last
-address applied and the counts so far). Because no address spans two segments, each segment's counts are exact on
-their own (a duplicate in the file is always in the segment of its first line), and a run that stops, for whatever
-reason, leaves a consistent result: the next run stages the file again and applies only the addresses after the
-last one applied. On SQLite only a segment's transaction holds the write lock, and segments are sized from the last
-one so that it is held about LOCK_TARGET_S at a time: an opt-out typed during a million-row import waits at most
-about that long, and the worker can renew its lease in between.
+While the file is read, its good rows (imports.rows.StagedRow) are staged into a temporary table and its rejected
+rows into another; that takes no lock of the database (temporary tables live apart from it). Then the rows are
+deduplicated and sorted by address, keeping the first line of each (`sort`: the rows left out are the file's
+duplicates), the rejected rows are stored, and the addresses are applied in segments: ranges of addresses in that
+order, each one transaction that also records the job's progress (the last address applied and the counts so far).
+Since an address is in one segment only, each segment's counts are exact on their own, and a run that stops, for
+whatever reason, leaves a consistent result: the next run stages the file again and applies only the addresses
+after the last one applied. Segments are sized from the last one so that each holds its locks about LOCK_TARGET_S:
+an opt-out typed during a million-row import waits at most about that long, and the worker can renew its lease in
+between.
 
 Each segment, in one transaction:
 1. check that this run still holds the job (a run that lost its lease commits nothing) and that its group or
-   campaign still exists; on PostgreSQL take a SHARE lock on `suppression`, so that no `forget` runs meanwhile;
+   campaign still exists (and keep it from being deleted until the commit); keep other writers of recipients out
+   (SQLite: the write lock; PostgreSQL: table locks, see postgres.py) and `forget` with them;
 2. if someone was forgotten since the import started, mark their staged rows (what the parsing side knew was
    staged as `gone` already);
-3. count its rows, addresses, and addresses suppressed (forgotten or opted out);
-4. with --update-existing, update recipients that existed before the import, from the first line of each address;
-5. create the recipients that do not exist (the first line of an address wins) and add the active ones to the
-   group or campaign;
-6. record the progress with the job (the last segment: the counts, and the staged file deleted).
+3. with --update-existing, update the recipients the segment's addresses already have;
+4. create a recipient for each new address that may be added, and make the new recipients members (the database's
+   own part: sqlite.py, postgres.py); an address neither gone nor created had a recipient already: those that may
+   be added become members too, unless they are already (the only statements that look addresses up again, and
+   only when the segment has such an address);
+5. record the progress with the job (the last segment: the counts, and the staged file deleted).
 """
 
 from __future__ import annotations
@@ -39,23 +41,37 @@ from campaign_manager.audience.address_keys import email_hash, email_key
 from campaign_manager.audience.addresses import check_email, sql_plain_normalized
 from campaign_manager.errors import CmError, NotFound
 from campaign_manager.imports.csvfile import unquote_cells
-from campaign_manager.imports.parse import Batch
+from campaign_manager.imports.rows import Batch, Reject, StagedRow, columns, create_table
 from campaign_manager.jobs.runner import JobLost
 from campaign_manager.states import JobStatus
 
 log = logging.getLogger(__name__)
 
 # The most rows a segment applies, unless `import.segment_rows` says otherwise (then that is the most, and the
-# first). SQLite segments start at FIRST_SQLITE_ROWS and are sized from the last one to hold the write lock about
-# LOCK_TARGET_S; PostgreSQL, which has no such lock, applies them at the most.
+# first). Segments start at FIRST_ROWS and are sized from the last one to hold their locks about LOCK_TARGET_S.
 SEGMENT_ROWS = {"sqlite": 200_000, "postgresql": 200_000}
-FIRST_SQLITE_ROWS = 25_000
+FIRST_ROWS = 25_000
 LOCK_TARGET_S = 0.5
 MIN_SEGMENT_ROWS = 2_000
 REJECTS_PER_COMMIT = 20_000
-# What a segment adds up; the job's counts are these plus `read` and `invalid` (which the reading of the file knows).
-APPLIED = ("created", "updated", "added", "already_member", "duplicates", "suppressed")
+# What the segments add up; the job's counts are these plus what reading and sorting the file tell: `read`,
+# `invalid` and `duplicates` (rows whose address an earlier line of the file gave).
+APPLIED = ("created", "updated", "added", "already_member", "suppressed")
 COUNTS = ("read", "created", "updated", "added", "already_member", "duplicates", "invalid", "suppressed")
+
+# An address of the segment (at positions ? to ?) that had a recipient before it (id up to ?), and that recipient.
+EXISTING = (
+    "cm_sorted u JOIN recipient r ON r.email_key = u.key WHERE u.pos BETWEEN ? AND ? AND u.gone = 0 AND r.id <= ?"
+)
+REFUSED = f"SELECT count(*) FROM {EXISTING} AND NOT {consent.sql_may_add('r.status', 'u.gone')}"
+
+
+def stored_email(find: str) -> str:
+    """The address a new recipient stores, from its staged row `u`: an address staged without `email` is its key;
+    a plain (ASCII) one is staged as written, and email-validator's normalization of it is the domain lowercased;
+    the others were staged normalized. `find` is the database's position-of-substring function."""
+    plain = sql_plain_normalized("u.email", find)
+    return f"CASE WHEN u.email IS NULL THEN u.key WHEN u.normalized = 1 THEN u.email ELSE {plain} END"
 
 
 def _json(value: Any) -> dict[str, Any]:
@@ -71,14 +87,39 @@ class Claim:
     attempts: int
 
 
-class Backend:
+@dataclass(frozen=True)
+class Target:
+    """The group or campaign an import fills."""
+
+    kind: str  # "group" or "campaign"
+    id: int
+
+    @property
+    def table(self) -> str:
+        return "recipient_group" if self.kind == "group" else "campaign"
+
+    def link(self, ids: str, source: str) -> str:
+        """The INSERT that makes the recipients `ids` selects `FROM source` (which ends in a WHERE clause) members;
+        its first parameters are link_params."""
+        if self.kind == "group":
+            return f"INSERT INTO group_member (group_id, recipient_id, added_at) SELECT ?, {ids}, ? FROM {source}"
+        return f"INSERT INTO campaign_recipient (campaign_id, recipient_id) SELECT ?, {ids} FROM {source}"
+
+    def link_params(self, now: Any) -> tuple[Any, ...]:
+        return (self.id, now) if self.kind == "group" else (self.id,)
+
+
+class Applier:
     """Stage and apply one import job's rows, on a plain DB-API connection of its own: `start`, `add` every batch,
-    `finish`, and always `close`."""
+    `finish`, and always `close`. A subclass per database (sqlite.py, postgres.py) gives its connection, its
+    locks, its staging and sorting, and the statements that create recipients."""
 
     dialect = ""
-    # A large import is parsed by a helper process (import_parse.ParseProcess); every Nth batch of it is validated
-    # by the job's process instead, when that has time to spare (0: never).
-    helper_share = 0
+    # The statements that record the job's progress, with ? for parameters (as every statement here).
+    merge_result = ""  # set keys of the job's result: (a JSON object, the job's id)
+    set_counts = ""  # (the counts as JSON, the job's id)
+    lock_job = "SELECT status, worker, attempts FROM job WHERE id = ?"  # keeps the job row for the transaction
+    lock_target = ""  # " FOR KEY SHARE": keeps the target from being deleted until the transaction ends
 
     def __init__(
         self,
@@ -92,12 +133,13 @@ class Backend:
         forgotten_at: datetime | None = None,
     ) -> None:
         self.engine, self.job_id, self.args, self.claim = engine, job_id, args, claim
+        self.target = Target(args["target"]["type"], int(args["target"]["id"]))
         self.max_rows = segment_rows or SEGMENT_ROWS[self.dialect]
-        self.segment_rows = segment_rows or min(self.max_rows, self.first_rows_auto)
+        self.segment_rows = segment_rows or min(self.max_rows, FIRST_ROWS)
         self.forgotten = set(forgotten or ())  # what the parsing side knew: its rows came staged as gone
         self.late: set[str] = set()  # hashes of people forgotten since, looked for in every segment
         self.forgotten_at = forgotten_at or datetime.now(UTC)
-        self.read = self.invalid = 0
+        self.read = self.invalid = self.staged = self.duplicates = 0
         self.applied = dict.fromkeys(APPLIED, 0)  # what the committed segments did
         self.last_key: str | None = None  # the last address a committed segment applied
         self.rejects_line = 0  # rejected rows through this line are stored
@@ -123,38 +165,37 @@ class Backend:
         resume = result.get("resume") or {}
         self.last_key, self.segments = resume.get("key"), int(resume.get("segments", 0))
         self.rejects_line = int(resume.get("rejects_line", 0))
-        self.applied.update(resume.get("applied") or {})
+        applied = resume.get("applied") or {}
+        self.applied.update({key: int(applied.get(key, 0)) for key in APPLIED})
         self._check_target()  # fail at once, before reading a file for a group that is gone
         self.now = self.timestamp(datetime.now(UTC))
         self.raw.commit()
-        # email is NULL when it equals the key; attributes is the text of a JSON object.
-        self.sql(
-            "CREATE TEMP TABLE cm_seg (line INTEGER PRIMARY KEY, key TEXT NOT NULL, email TEXT, name TEXT,"
-            " gone INTEGER NOT NULL, normalized INTEGER NOT NULL, attributes TEXT NOT NULL)"
-        )
-        self.sql("CREATE TEMP TABLE cm_rejects (line INTEGER NOT NULL, raw TEXT NOT NULL, reason TEXT NOT NULL)")
+        self.sql(create_table("cm_staged", StagedRow))
+        self.sql(create_table("cm_rejects", Reject))
         return None
 
     def add(self, batch: Batch) -> None:
         """Stage a batch (its good rows, and its rejected ones)."""
         self.read += batch.read
         self.invalid += len(batch.rejects)
+        self.staged += len(batch.rows)
         if batch.rows:
-            self.insert_rows("cm_seg", (), batch.rows)
+            self.insert_rows("cm_staged", columns(StagedRow), batch.rows)
         if batch.rejects:
-            self.insert_rows("cm_rejects", (), batch.rejects)
+            self.insert_rows("cm_rejects", columns(Reject), batch.rejects)
 
     # -- applying ---------------------------------------------------------------------------------------------
 
     def finish(self, progress: Callable[[float], None] | None = None) -> dict[str, int]:
-        """Sort the staged rows, store the rejected ones, apply the rows in segments; the job's counts.
+        """Sort the staged rows, store the rejected ones, apply the addresses in segments; the job's counts.
         `progress(share applied)` is called after each commit (a worker that gives the job back stops there)."""
         self.raw.commit()  # the staging
         positions = self.sort()
+        self.duplicates = self.staged - positions
         self._store_rejects(progress)
         first = self._first_position(positions)
         while True:
-            last = self._segment_end(first, positions)
+            last = min(first + self.segment_rows - 1, positions)
             counts = self._apply(first, last, final=last >= positions)
             if last >= positions:
                 break
@@ -168,23 +209,8 @@ class Backend:
         """Where this run starts applying: after the last address a committed segment applied."""
         if self.last_key is None:
             return 1
-        found = self.scalar(
-            f"SELECT {self.pos} FROM cm_sorted WHERE key > ? ORDER BY {self.pos} LIMIT 1", (self.last_key,)
-        )
+        found = self.scalar("SELECT pos FROM cm_sorted WHERE key > ? ORDER BY pos LIMIT 1", (self.last_key,))
         return positions + 1 if found is None else int(found)
-
-    def _segment_end(self, first: int, positions: int) -> int:
-        """The last position of the segment starting at `first`: about segment_rows rows, extended to the end of
-        its last address (so that no address spans two segments)."""
-        end = first + self.segment_rows - 1
-        if end >= positions:
-            return positions
-        key = self.scalar(f"SELECT key FROM cm_sorted WHERE {self.pos} = ?", (end,))
-        after = self.scalar(
-            f"SELECT {self.pos} FROM cm_sorted WHERE {self.pos} > ? AND key <> ? ORDER BY {self.pos} LIMIT 1",
-            (end, key),
-        )
-        return positions if after is None else int(after) - 1
 
     def _store_rejects(self, progress: Callable[[float], None] | None) -> None:
         """The rejected rows, into import_reject, a few thousand a transaction (a broken file can have millions:
@@ -197,19 +223,19 @@ class Backend:
             )
             if through is None:
                 return
-            self.lock()
+            self.begin()
             try:
-                self._check_still_ours()
+                self._check_still_ours(writing="rejects")
                 self._recheck_forgotten()
                 rejects = self.sql(
-                    "SELECT line, raw, reason FROM cm_rejects WHERE line > ? AND line <= ?",
+                    f"SELECT {columns(Reject)} FROM cm_rejects WHERE line > ? AND line <= ?",
                     (self.rejects_line, through),
                 ).fetchall()
                 if self.late:
                     rejects = [r for r in rejects if not self._names_forgotten(r[1])]
                 if rejects:
                     rows = [(self.job_id, *reject) for reject in rejects]
-                    self.insert_rows("import_reject", ("job_id", "line", "raw", "reason"), rows)
+                    self.insert_rows("import_reject", f"job_id, {columns(Reject)}", rows)
                 self._record({"rejects_line": through})
                 self.raw.commit()
             except BaseException:
@@ -220,22 +246,22 @@ class Backend:
                 progress(0.0)
 
     def _apply(self, first: int, last: int, *, final: bool) -> dict[str, int]:
-        """Apply the rows at positions first..last in one transaction (see the module's docstring). What the run
-        has applied changes only once it has committed."""
+        """Apply the addresses at positions first..last in one transaction (see the module's docstring). What the
+        run has applied changes only once it has committed."""
         applied = dict(self.applied)
         key = self.last_key
-        locked = self.lock()
+        started = self.begin()
         try:
-            self._check_still_ours()
+            self._check_still_ours(writing="recipients")
             self._recheck_forgotten(first, last)
             if first <= last:
                 self._apply_rows(first, last, applied)
-                key = self.scalar(f"SELECT key FROM cm_sorted WHERE {self.pos} = ?", (last,))
-            counts = {"read": self.read, "invalid": self.invalid, **applied}
-            counts = {key: counts[key] for key in COUNTS}
+                key = self.scalar("SELECT key FROM cm_sorted WHERE pos = ?", (last,))
+            counts = {"read": self.read, "invalid": self.invalid, "duplicates": self.duplicates, **applied}
+            counts = {name: counts[name] for name in COUNTS}
             if final:
                 self.sql("DELETE FROM job_file WHERE job_id = ?", (self.job_id,))
-                self.sql(f"UPDATE job SET counts = {self.json_param} WHERE id = ?", (json.dumps(counts), self.job_id))
+                self.sql(self.set_counts, (json.dumps(counts), self.job_id))
                 self._record({"committed": True, "segments": self.segments + 1})
             else:
                 resume = {"key": key, "segments": self.segments + 1, "rejects_line": self.rejects_line}
@@ -244,34 +270,55 @@ class Backend:
         except BaseException:
             self.raw.rollback()
             raise
-        held = time.perf_counter() - locked
+        held = time.perf_counter() - started
         self.applied, self.last_key, self.segments = applied, key, self.segments + 1
         self.checkpoint()
         self._size_next(held, last - first + 1)
         return counts
 
+    def _apply_rows(self, first: int, last: int, applied: dict[str, int]) -> None:
+        """Create, update and add the addresses at positions first..last; what they did goes into `applied`.
+        An import changes no one's status: who may not be added now could not be before."""
+        gone = int(self.scalar("SELECT coalesce(sum(gone), 0) FROM cm_sorted WHERE pos BETWEEN ? AND ?", (first, last)))
+        if self.args.get("update_existing"):
+            applied["updated"] += self.update_existing(first, last)
+        # Nobody else writes recipients until the commit, so the ids above this one are the segment's new ones.
+        before = int(self.scalar("SELECT coalesce(max(id), 0) FROM recipient"))
+        created = self.create_recipients(first, last, before)
+        existing = (last - first + 1) - gone - created  # addresses that had a recipient: looked up only if any
+        refused = linked = 0
+        if existing:
+            refused = int(self.scalar(REFUSED, (first, last, before)))
+            may_add = consent.sql_may_add("r.status", "u.gone")
+            link = self.target.link("r.id", f"{EXISTING} AND {may_add} ON CONFLICT DO NOTHING")
+            linked = self.sql(link, (*self.target.link_params(self.now), first, last, before)).rowcount
+        applied["created"] += created
+        applied["added"] += created + linked
+        applied["suppressed"] += gone + refused
+        applied["already_member"] += existing - refused - linked
+
     def _record(self, values: dict[str, Any]) -> None:
         """Set these keys of the job's result (in the transaction in progress)."""
-        self.sql(f"UPDATE job SET result = {self.merged_result} WHERE id = ?", (json.dumps(values), self.job_id))
+        self.sql(self.merge_result, (json.dumps(values), self.job_id))
 
-    def _check_still_ours(self) -> None:
-        """Inside a transaction: the job is still this run's, and its target still exists."""
-        found = self.sql(f"SELECT status, worker, attempts FROM job WHERE id = ?{self.for_update}", (self.job_id,))
-        row = found.fetchone()
+    def _check_still_ours(self, *, writing: str) -> None:
+        """Inside a transaction: the job is still this run's, its target still exists, and who must be kept out
+        until the commit is: `forget` while rejected rows are stored, and every writer of recipients too while
+        `recipients` are."""
+        row = self.sql(self.lock_job, (self.job_id,)).fetchone()
         if row is None:
             raise NotFound(f"job {self.job_id} no longer exists")
         if self.claim is not None and tuple(row) != (JobStatus.RUNNING, self.claim.worker, self.claim.attempts):
             raise JobLost
-        self._check_target(lock=self.key_share)
-        self.hold_forgetting()
+        self._check_target(lock=self.lock_target)
+        self.hold_writers(recipients=writing == "recipients")
 
     def _check_target(self, *, lock: str = "") -> None:
         """The group or campaign the import fills still exists (a permanent failure if not: no retry brings it
-        back). `lock` keeps it from being deleted until the transaction ends."""
-        target = self.args["target"]
-        table = "recipient_group" if target["type"] == "group" else "campaign"
-        if self.scalar(f"SELECT id FROM {table} WHERE id = ?{lock}", (target["id"],)) is None:
-            what = f"{target['type']} {target['id']}"
+        back). With `lock`, it stays until the transaction ends: on SQLite, whose import connection does not check
+        foreign keys, the write lock keeps it."""
+        if self.scalar(f"SELECT id FROM {self.target.table} WHERE id = ?{lock}", (self.target.id,)) is None:
+            what = f"{self.target.kind} {self.target.id}"
             raise CmError(f"{what} no longer exists", hint="it was deleted after the import was queued")
 
     def _recheck_forgotten(self, first: int = 0, last: int = -1) -> None:
@@ -282,10 +329,9 @@ class Backend:
         self.late |= found - self.forgotten
         if not self.late or first > last:
             return
-        in_range = f"{self.pos} BETWEEN ? AND ?"
-        keys = self.sql(f"SELECT DISTINCT key FROM cm_sorted WHERE {in_range} AND gone = 0", (first, last))
-        for key in [k for (k,) in keys.fetchall() if email_hash(k) in self.late]:
-            self.sql(f"UPDATE cm_sorted SET gone = 1 WHERE {in_range} AND key = ?", (first, last, key))
+        staged = self.sql("SELECT pos, key FROM cm_sorted WHERE pos BETWEEN ? AND ? AND gone = 0", (first, last))
+        for pos in [pos for pos, key in staged.fetchall() if email_hash(key) in self.late]:
+            self.sql("UPDATE cm_sorted SET gone = 1 WHERE pos = ?", (pos,))
 
     def _names_forgotten(self, raw: str) -> bool:
         layout = self.args["layout"]
@@ -295,73 +341,10 @@ class Backend:
         normalized, reason = check_email(unquote_cells([fields[layout["email_index"]]])[0])
         return reason is None and email_hash(email_key(normalized)) in self.late
 
-    def _apply_rows(self, first: int, last: int, applied: dict[str, int]) -> None:
-        """Count, create and add the rows at positions first..last, into `applied`."""
-        in_range = f"u.{self.pos} BETWEEN {int(first)} AND {int(last)}"
-        # One pass for the counts. An import changes no one's status: who is opted out now was opted out before.
-        rows, distinct, suppressed = self.sql(
-            "SELECT count(*), count(DISTINCT u.key),"
-            f" count(DISTINCT CASE WHEN NOT {consent.sql_may_add('r.status', 'u.gone')} THEN u.key END)"
-            f" FROM cm_sorted u LEFT JOIN recipient r ON r.email_key = u.key WHERE {in_range}"
-        ).fetchone()
-        attrs = self.attributes
-        if self.args.get("update_existing"):
-            applied["updated"] += self._update_existing(in_range, attrs)
-        applied["created"] += self.sql(
-            "INSERT INTO recipient (email, email_key, name, phone, attributes, status, created_at, updated_at)"
-            f" SELECT {self.normalized_email}, u.key, u.name, NULL, {attrs}, {consent.SQL_NEW_STATUS}, ?, ?"
-            " FROM cm_sorted u"
-            f" WHERE {in_range} AND u.gone = 0 ORDER BY u.{self.pos} ON CONFLICT (email_key) DO NOTHING",
-            (self.now, self.now),
-        ).rowcount
-        self.analyze("recipient", first_only=True)
-        target = self.args["target"]
-        if target["type"] == "group":
-            link = "INSERT INTO group_member (group_id, recipient_id, added_at) SELECT ?, r.id, ?"
-            params: tuple[Any, ...] = (target["id"], self.now)
-        else:
-            link = "INSERT INTO campaign_recipient (campaign_id, recipient_id) SELECT ?, r.id"
-            params = (target["id"],)
-        added = self.sql(
-            f"{link} FROM cm_sorted u JOIN recipient r ON r.email_key = u.key"
-            f" WHERE {in_range} AND {consent.sql_may_add('r.status', 'u.gone')} ORDER BY u.{self.pos}"
-            " ON CONFLICT DO NOTHING",
-            params,
-        ).rowcount
-        applied["added"] += added
-        applied["duplicates"] += int(rows) - int(distinct)
-        applied["suppressed"] += int(suppressed)
-        applied["already_member"] += int(distinct) - int(suppressed) - added
-
-    @property
-    def normalized_email(self) -> str:
-        """An address staged without email is its key. A plain (ASCII) address is staged as written;
-        email-validator's normalization of it is the domain lowercased. Others were staged normalized."""
-        plain = sql_plain_normalized("u.email", self.find)
-        return f"CASE WHEN u.email IS NULL THEN u.key WHEN u.normalized = 1 THEN u.email ELSE {plain} END"
-
-    def _update_existing(self, in_range: str, attrs: str) -> int:
-        """--update-existing: overwrite the stored name and attributes of active recipients that were there before
-        the import, from the first line of each address. Returns how many changed."""
-        first = self.first_rows.format(in_range=in_range)
-        new_name = "COALESCE(u.name, recipient.name)"
-        new_attrs = self.merged_attrs.format(attrs=attrs)
-        old_attrs = self.merged_attrs.format(attrs="'{}'")
-        return int(
-            self.sql(
-                f"UPDATE recipient SET name = {new_name}, attributes = {new_attrs}{self.to_json}, updated_at = ?"
-                f" FROM {first} u WHERE recipient.email_key = u.key AND {consent.sql_may_add('recipient.status', '0')}"
-                f" AND (recipient.name {self.differs} {new_name} OR {old_attrs} {self.differs} {new_attrs})",
-                (self.now,),
-            ).rowcount
-        )
-
     def _size_next(self, held: float, rows: int) -> None:
         """Size the next segment from how long this one held the lock."""
         self.max_lock = max(self.max_lock, held)
         log.debug("import %d: segment of %d rows applied in %.3fs", self.job_id, rows, held)
-        if not self.adaptive:
-            return
         if rows and held > LOCK_TARGET_S:
             self.segment_rows = max(MIN_SEGMENT_ROWS, int(rows * LOCK_TARGET_S / held))
         elif rows >= self.segment_rows and held < LOCK_TARGET_S / 2:
@@ -369,7 +352,7 @@ class Backend:
 
     def _finished(self) -> None:
         """After the last commit, note the longest segment transaction (`make bench` reports it)."""
-        self.lock()
+        self.begin()
         self._record({"max_lock_seconds": round(self.max_lock, 3)})
         self.raw.commit()
 
@@ -387,7 +370,7 @@ class Backend:
 
     def sql(self, statement: str, params: tuple[Any, ...] = ()) -> Any:
         started = time.perf_counter()
-        self.cur.execute(statement.replace("?", self.param), params)
+        self.cur.execute(self.native(statement), params)
         log.debug("%.3fs %s", time.perf_counter() - started, statement[:100])
         return self.cur
 
@@ -395,54 +378,49 @@ class Backend:
         row = self.sql(statement, params).fetchone()
         return None if row is None else row[0]
 
-    # -- dialect ----------------------------------------------------------------------------------------------
+    # -- the database's part ----------------------------------------------------------------------------------
 
-    param = "?"
-    json_param = "?"
-    find = "instr"  # the SQL function that finds a substring (SQLite instr, PostgreSQL strpos)
-    pos = "rowid"  # the column of cm_sorted that numbers its rows in address order, from 1
-    # update_existing's dialect pieces: the first staged row of each address in a range that is already a
-    # recipient; the stored attributes with new ones merged in; a null-safe "differs"; the cast to the column.
-    first_rows = ""
-    merged_attrs = ""
-    differs = ""
-    to_json = ""
-    attributes = "u.attributes"  # the staged attributes (JSON text) as the column's type
-    adaptive = False  # whether segments are sized by how long they hold the lock
-    first_rows_auto = 1 << 62  # the first segment's size when the setting is automatic (capped by max_rows)
-    for_update = ""  # locks the job row for the segment's transaction
-    key_share = ""  # keeps the target row from being deleted until the segment commits
-    merged_result = ""  # the job's result with a JSON object's keys set
+    def native(self, statement: str) -> str:
+        """The statement in the driver's parameter style."""
+        return statement
 
     def connect(self) -> Any:
-        return self.engine.raw_connection()
+        raise NotImplementedError
 
     def disconnect(self) -> None:
-        self.raw.invalidate()  # closes it rather than return it (and its temporary tables) to the pool
+        raise NotImplementedError
 
     def open_session(self) -> None:
         """Session settings, before the first temporary table is touched."""
 
-    def lock(self) -> float:
-        """Start a transaction that writes cm's tables (PostgreSQL has started one with the first statement);
-        its start time."""
+    def begin(self) -> float:
+        """Start a transaction that writes cm's tables; its start time."""
         return time.perf_counter()
 
-    def hold_forgetting(self) -> None:
-        """Keep `forget` out until the transaction commits (SQLite's write lock already does)."""
+    def hold_writers(self, *, recipients: bool) -> None:
+        """Keep `forget` out until the transaction commits, and with `recipients` every other writer of recipients
+        (SQLite's write lock does both)."""
 
     def checkpoint(self) -> None:
-        """After a segment's commit (SQLite: move the WAL into the database, without holding the lock)."""
+        """After a segment's commit."""
 
     def timestamp(self, now: datetime) -> Any:
         return now
 
-    def insert_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    def insert_rows(self, table: str, names: str, rows: list[Any]) -> None:
+        """Insert rows (tuples of the columns `names`) into `table`."""
         raise NotImplementedError
 
     def sort(self) -> int:
-        """cm_sorted: the staged rows in address order (then line), numbered from 1 in `pos`; how many."""
+        """cm_sorted: the first staged row of each address, in address order, numbered from 1 in `pos`; how many."""
         raise NotImplementedError
 
-    def analyze(self, table: str, *, first_only: bool = False) -> None:
-        """Refresh the planner's statistics (PostgreSQL plans for a table as it was when last analyzed)."""
+    def create_recipients(self, first: int, last: int, before: int) -> int:
+        """Create a recipient for each address at positions first..last that has none and is not gone (from its
+        first line; the new ones get ids above `before`), and make them members of the target; how many."""
+        raise NotImplementedError
+
+    def update_existing(self, first: int, last: int) -> int:
+        """--update-existing: overwrite the stored name and attributes of the active recipients the addresses at
+        positions first..last already have; how many changed."""
+        raise NotImplementedError

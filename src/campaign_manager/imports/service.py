@@ -2,10 +2,10 @@
 
 Staging (in the `cm` process that queues the job) refuses a file that cannot be imported at all and copies the whole
 file into `job_file` chunks, so the worker never needs the original. Running (in a worker, or in-process with
-`--wait`) streams those chunks through the CSV reader and validates each address (`parse`: in a helper process on
-another core for a large file; fast path in `audience.addresses`); the appliers (`apply`, `sqlite`, `postgres`)
-stage the good rows (multi-row inserts on SQLite, COPY on PostgreSQL) and apply them with a handful of set-based
-statements per segment, each segment one transaction that also records the job's progress: a job run again after a
+`--wait`) streams those chunks through the CSV reader and validates each address (`parse`; fast path in
+`audience.addresses`) into typed rows (`rows`); the appliers (`apply`, `sqlite`, `postgres`) stage the good rows
+(multi-row inserts on SQLite, COPY on PostgreSQL) and apply them with a handful of set-based statements per
+segment, each segment one transaction that also records the job's progress: a job run again after a
 crash (or an interruption, or `cm jobs retry`) goes on after its last committed segment, or finds itself finished
 and returns its counts. The rejected rows are read back (and written out, neutralised for spreadsheets) from here
 too.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import os
 import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -29,19 +28,17 @@ from campaign_manager.audience.groups import get_group
 from campaign_manager.db import get_engine, is_sqlite
 from campaign_manager.errors import InvalidInput, NotFound
 from campaign_manager.files import open_input
-from campaign_manager.imports.apply import Backend, Claim
+from campaign_manager.imports.apply import Applier, Claim
 from campaign_manager.imports.csvfile import CUT_NOTE, SAMPLE_BYTES, CsvLayout, inspect_csv, neutralise, split_row
-from campaign_manager.imports.parse import BATCH_ROWS, CHUNK_BYTES, Batch, ParseProcess, parse
-from campaign_manager.imports.postgres import PostgresBackend
-from campaign_manager.imports.sqlite import SqliteBackend
+from campaign_manager.imports.parse import BATCH_ROWS, CHUNK_BYTES, parse
+from campaign_manager.imports.postgres import PostgresApplier
+from campaign_manager.imports.sqlite import SqliteApplier
 from campaign_manager.jobs import runner
 from campaign_manager.jobs.records import create_job, get_job
 from campaign_manager.tables.base import utcnow
 from campaign_manager.tables.jobs import ImportReject, Job, JobFile
 
 KIND = "import"
-# From this size (about 130,000 rows of a typical file) an import parses in a helper process.
-HELPER_MIN_BYTES = 8 << 20
 HALF = 500  # a job's progress goes from 0 to 2 * HALF
 Progress = Callable[[int, int], None]
 
@@ -163,9 +160,9 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         forgotten = consent.suppressed_hashes(session)
     layout = CsvLayout.from_args(args["layout"])
     size = int(args.get("size", 0))
-    kind = SqliteBackend if is_sqlite(url) else PostgresBackend
+    kind = SqliteApplier if is_sqlite(url) else PostgresApplier
     claim, settings = runner.current_claim(), runner.current_settings()
-    backend: Backend = kind(
+    applier: Applier = kind(
         engine,
         job_id,
         args,
@@ -174,32 +171,22 @@ def run_import_job(url: str, job_id: int, progress: Progress | None = None) -> d
         forgotten=forgotten,
         forgotten_at=forgotten_at,
     )
-    helper: ParseProcess | None = None
     chunks: Generator[bytes] | None = None
     try:
-        done = backend.start()
+        done = applier.start()
         if done is not None:
             return done
         chunks = _iter_chunks(url, job_id, size)
-        batches: Iterator[Batch]
-        if size >= HELPER_MIN_BYTES and (os.cpu_count() or 1) > 1:
-            # The other core parses while this process stages what it sends.
-            helper = ParseProcess(layout, chunks, forgotten, BATCH_ROWS, kind.helper_share)
-            batches = iter(helper)
-        else:
-            batches = parse(layout, chunks, forgotten, BATCH_ROWS)
         # Progress: the first half of the bar reads the file, the second applies it.
-        for batch in batches:
-            backend.add(batch)
+        for batch in parse(layout, chunks, forgotten, BATCH_ROWS):
+            applier.add(batch)
             if progress is not None:
                 progress(batch.position * HALF // max(size, 1), 2 * HALF)
-        return backend.finish(None if progress is None else lambda share: progress(HALF + int(share * HALF), 2 * HALF))
+        return applier.finish(None if progress is None else lambda share: progress(HALF + int(share * HALF), 2 * HALF))
     finally:
-        if helper is not None:
-            helper.close()
         if chunks is not None:
             chunks.close()  # its read session, now rather than whenever the generator is collected
-        backend.close()
+        applier.close()
 
 
 # ---------------------------------------------------------------------------------------------- rejects
