@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import pytest
 
-from campaign_manager.audience.addresses import email_hash
+from campaign_manager.audience.address_keys import email_hash
 from campaign_manager.imports import parse as import_parse
 from campaign_manager.imports import service as imports
 from campaign_manager.imports.csvfile import inspect_csv
