@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from campaign_manager import db
+from campaign_manager.audience import consent
 from campaign_manager.imports import service as import_service
 from campaign_manager.imports.apply import Applier
 from campaign_manager.imports.postgres import PostgresApplier
@@ -389,3 +390,49 @@ def test_the_sqlite_import_connection_checks_no_foreign_keys(sqlite_url: str, tm
         applier.close()
     with db.get_engine(sqlite_url).connect() as conn:  # cm's other connections still check them
         assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_a_segment_gives_way_to_vacuum_and_an_opt_out_goes_through_meanwhile(postgres_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a segment's lock on `recipient` conflicts with what (auto)vacuum and ANALYZE hold, which an
+    opt-out's does not: a segment waiting for it would hold the opt-out up behind its own request. It waits briefly,
+    gives way, and tries again; the opt-out goes through while the vacuum still runs, and the import ends exact."""
+    import psycopg
+
+    cm = make_cm(postgres_url)
+    cm("group create news")
+    path = tmp_path / "people.csv"
+    path.write_text("email\n" + "".join(f"v{i}@example.com\n" for i in range(5_000)), encoding="utf-8")
+    job_id = int(cm(["group", "add-recipients", "news", "--csv", str(path)]).stdout)
+    vacuum = psycopg.connect(postgres_url)
+    vacuum.execute("LOCK TABLE recipient IN SHARE UPDATE EXCLUSIVE MODE")  # what VACUUM and ANALYZE take
+    released = threading.Timer(4.0, vacuum.rollback)  # whatever happens below
+    released.start()
+    outcome: list[dict[str, int] | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(import_service.run_import_job(postgres_url, job_id))
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    importing = threading.Thread(target=run)
+    importing.start()
+    try:
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE 'LOCK TABLE recipient IN SHARE ROW EXCLUSIVE MODE%'"
+        )
+        with psycopg.connect(postgres_url, autocommit=True) as watch:
+            _wait_for(lambda: (watch.execute(waiting).fetchone() or (0,))[0] > 0, timeout=30)
+        started = time.monotonic()
+        with db.open_session(postgres_url) as session:
+            consent.opt_out(session, "meanwhile@example.org", reason=None, source="test")
+        took = time.monotonic() - started
+        still_vacuuming = released.is_alive()
+    finally:
+        released.join()
+        importing.join(timeout=120)
+        vacuum.close()
+    assert still_vacuuming and took < 1.0, f"the opt-out took {took:.2f} s"
+    assert outcome and isinstance(outcome[0], dict), outcome
+    assert outcome[0]["created"] == outcome[0]["added"] == 5_000

@@ -7,9 +7,9 @@ duplicates), the rejected rows are stored, and the addresses are applied in segm
 order, each one transaction that also records the job's progress (the last address applied and the counts so far).
 Since an address is in one segment only, each segment's counts are exact on their own, and a run that stops, for
 whatever reason, leaves a consistent result: the next run stages the file again and applies only the addresses
-after the last one applied. Segments are sized from the last one so that each holds its locks about LOCK_TARGET_S:
+after the last one applied. Segments are sized from the last one so that each holds its locks about `hold_seconds`:
 an opt-out typed during a million-row import waits at most about that long, and the worker can renew its lease in
-between.
+between. A segment that cannot have a lock soon (`Busy`) gives everything back and tries again.
 
 Each segment, in one transaction:
 1. check that this run still holds the job (a run that lost its lease commits nothing) and that its group or
@@ -48,11 +48,11 @@ from campaign_manager.states import JobStatus
 log = logging.getLogger(__name__)
 
 # The most rows a segment applies, unless `import.segment_rows` says otherwise (then that is the most, and the
-# first). Segments start at FIRST_ROWS and are sized from the last one to hold their locks about LOCK_TARGET_S.
+# first). Segments start at FIRST_ROWS and are sized from the last one to hold their locks about `hold_seconds`.
 SEGMENT_ROWS = {"sqlite": 200_000, "postgresql": 200_000}
 FIRST_ROWS = 25_000
-LOCK_TARGET_S = 0.5
 MIN_SEGMENT_ROWS = 2_000
+BUSY_PAUSE_S = 0.05  # between a segment that found a lock taken and its next try
 REJECTS_PER_COMMIT = 20_000
 # What the segments add up; the job's counts are these plus what reading and sorting the file tell: `read`,
 # `invalid` and `duplicates` (rows whose address an earlier line of the file gave).
@@ -64,6 +64,10 @@ EXISTING = (
     "cm_sorted u JOIN recipient r ON r.email_key = u.key WHERE u.pos BETWEEN ? AND ? AND u.gone = 0 AND r.id <= ?"
 )
 REFUSED = f"SELECT count(*) FROM {EXISTING} AND NOT {consent.sql_may_add('r.status', 'u.gone')}"
+
+
+class Busy(Exception):
+    """A lock the segment needs is held by someone else: it gave back what it held, and tries again."""
 
 
 def stored_email(find: str) -> str:
@@ -115,6 +119,7 @@ class Applier:
     locks, its staging and sorting, and the statements that create recipients."""
 
     dialect = ""
+    hold_seconds = 0.5  # how long a segment should hold its locks
     # The statements that record the job's progress, with ? for parameters (as every statement here).
     merge_result = ""  # set keys of the job's result: (a JSON object, the job's id)
     set_counts = ""  # (the counts as JSON, the job's id)
@@ -246,8 +251,15 @@ class Applier:
                 progress(0.0)
 
     def _apply(self, first: int, last: int, *, final: bool) -> dict[str, int]:
-        """Apply the addresses at positions first..last in one transaction (see the module's docstring). What the
-        run has applied changes only once it has committed."""
+        """Apply the addresses at positions first..last in one transaction (see the module's docstring), tried
+        again as long as a lock it needs is taken. What the run has applied changes only once it has committed."""
+        while True:
+            try:
+                return self._segment(first, last, final=final)
+            except Busy:
+                time.sleep(BUSY_PAUSE_S)  # who waited behind the segment goes first
+
+    def _segment(self, first: int, last: int, *, final: bool) -> dict[str, int]:
         applied = dict(self.applied)
         key = self.last_key
         started = self.begin()
@@ -345,9 +357,9 @@ class Applier:
         """Size the next segment from how long this one held the lock."""
         self.max_lock = max(self.max_lock, held)
         log.debug("import %d: segment of %d rows applied in %.3fs", self.job_id, rows, held)
-        if rows and held > LOCK_TARGET_S:
-            self.segment_rows = max(MIN_SEGMENT_ROWS, int(rows * LOCK_TARGET_S / held))
-        elif rows >= self.segment_rows and held < LOCK_TARGET_S / 2:
+        if rows and held > self.hold_seconds:
+            self.segment_rows = max(MIN_SEGMENT_ROWS, int(rows * self.hold_seconds / held))
+        elif rows >= self.segment_rows and held < self.hold_seconds / 2:
             self.segment_rows = min(self.max_rows, self.segment_rows * 2)
 
     def _finished(self) -> None:
@@ -399,7 +411,7 @@ class Applier:
 
     def hold_writers(self, *, recipients: bool) -> None:
         """Keep `forget` out until the transaction commits, and with `recipients` every other writer of recipients
-        (SQLite's write lock does both)."""
+        (SQLite's write lock does both); raises Busy if it cannot soon."""
 
     def checkpoint(self) -> None:
         """After a segment's commit."""

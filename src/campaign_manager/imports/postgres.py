@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from campaign_manager.audience import consent
-from campaign_manager.imports.apply import Applier, stored_email
+from campaign_manager.imports.apply import Applier, Busy, stored_email
 from campaign_manager.imports.rows import StagedRow, columns, create_table
 
 _COLUMNS = columns(StagedRow)
@@ -32,8 +32,12 @@ UPDATE = (
     " OR recipient.attributes::jsonb IS DISTINCT FROM (recipient.attributes::jsonb || u.attributes::jsonb))"
 )
 # SHARE ROW EXCLUSIVE conflicts with the ROW EXCLUSIVE every INSERT, UPDATE and DELETE of `recipient` takes (and
-# with itself: two imports take turns), not with readers, nor with the row locks of foreign-key checks.
+# with itself: two imports take turns), not with readers, nor with the row locks of foreign-key checks. It also
+# conflicts with what (auto)vacuum and ANALYZE take, which need not stop anyone else: so a segment waits for it only
+# briefly (a writer waiting behind the segment's request waits as long), then gives way and tries again.
 HOLD_RECIPIENTS = "LOCK TABLE recipient IN SHARE ROW EXCLUSIVE MODE"
+HOLD_WAIT = "200ms"
+LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a lock_timeout
 
 
 class PostgresApplier(Applier):
@@ -42,6 +46,9 @@ class PostgresApplier(Applier):
     set_counts = "UPDATE job SET counts = ?::json WHERE id = ?"
     lock_job = Applier.lock_job + " FOR UPDATE"
     lock_target = " FOR KEY SHARE"
+    # Shorter than SQLite's: a segment's size makes no difference to the throughput here (1,000,000 rows: 13.3-15.3 s
+    # applying in 38-40 segments, 13.3-14.6 s in 5), and a slow segment on a busy machine keeps an opt-out under 1 s.
+    hold_seconds = 0.3
 
     def native(self, statement: str) -> str:
         return statement.replace("?", "%s")
@@ -69,7 +76,14 @@ class PostgresApplier(Applier):
         # `recipient`: no other writer inserts an address the segment is about to create, or changes a status.
         self.sql(consent.sql_hold_forgetting())
         if recipients:
-            self.sql(HOLD_RECIPIENTS)
+            self.sql(f"SET LOCAL lock_timeout = '{HOLD_WAIT}'")
+            try:
+                self.sql(HOLD_RECIPIENTS)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                    raise Busy from None
+                raise
+            self.sql("SET LOCAL lock_timeout = DEFAULT")
 
     def insert_rows(self, table: str, names: str, rows: list[Any]) -> None:
         with self.cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
