@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from campaign_manager import db
-from campaign_manager.audience import consent
+from campaign_manager.audience import recipients
 from campaign_manager.imports import service as import_service
 from campaign_manager.imports.apply import Applier
 from campaign_manager.imports.postgres import PostgresApplier
@@ -426,7 +426,7 @@ def test_a_segment_gives_way_to_vacuum_and_an_opt_out_goes_through_meanwhile(pos
             _wait_for(lambda: (watch.execute(waiting).fetchone() or (0,))[0] > 0, timeout=30)
         started = time.monotonic()
         with db.open_session(postgres_url) as session:
-            consent.opt_out(session, "meanwhile@example.org", reason=None, source="test")
+            recipients.opt_out_address(session, "meanwhile@example.org", reason=None, source="test")
         took = time.monotonic() - started
         still_vacuuming = released.is_alive()
     finally:
