@@ -234,7 +234,7 @@ def big_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def small_segments(monkeypatch: pytest.MonkeyPatch, rows: int, *, batch_rows: int | None = None) -> None:
-    """Imports apply segments of at most `rows` rows (each extended to the end of its last address) and read the
+    """Imports apply segments of at most `rows` addresses (the first line of each, after the sort) and read the
     file in batches of `batch_rows` (default: `rows`), for tests of what happens between them."""
     from campaign_manager.imports import apply as import_sql
     from campaign_manager.imports import service as imports
