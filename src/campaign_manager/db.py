@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -30,6 +30,8 @@ from campaign_manager.files import create_private, create_private_dir
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlmodel import Session
+
+    from campaign_manager.config import Settings
 
 # The newest migration in migrations/versions; a test checks it against Alembic's own idea of the head.
 HEAD_REVISION = "0002"
@@ -263,6 +265,11 @@ def open_session(url: str, *, write: bool = True, migrate: bool = True, create: 
         if not is_unavailable(exc):
             raise
         raise _database_error(f"database error on {display_url(url)}", exc) from None
+
+
+def settings_session(settings: Settings, *, write: bool = True) -> AbstractContextManager[Session]:
+    """open_session on the settings' database; the default database (and only it) is created on first use."""
+    return open_session(settings.database_url, write=write, create=settings.database_is_default)
 
 
 def _database_error(prefix: str, exc: BaseException) -> DatabaseError:

@@ -46,10 +46,9 @@ class State:
 
     @contextmanager
     def session(self, *, write: bool = True) -> Iterator[Session]:
-        from campaign_manager.db import open_session
+        from campaign_manager.db import settings_session
 
-        settings = self.settings
-        with open_session(settings.database_url, write=write, create=settings.database_is_default) as session:
+        with settings_session(self.settings, write=write) as session:
             yield session
 
     def setup_logging(self, level_name: str | None = None, log_format: str | None = None) -> None:

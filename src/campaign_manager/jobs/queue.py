@@ -174,7 +174,7 @@ def submit_job(settings: Settings, save: Callable[[Session], Job]) -> Job:
     on the queue inside the transaction that saves the job, so a command that reports a failure (the queue is
     down, the disk is full at the commit) leaves no job behind. A message that outruns the commit waits for it
     (NOT_YET_SAVED_S); one whose job never commits is dropped by the worker."""
-    with db.open_session(settings.database_url, create=settings.database_is_default) as session:
+    with db.settings_session(settings) as session:
         job = save(session)
         session.flush()
         assert job.id is not None

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from campaign_manager.config import Settings
 
-from campaign_manager.db import DatabaseGone, is_unavailable, open_session
+from campaign_manager.db import DatabaseGone, is_unavailable, open_session, settings_session
 from campaign_manager.errors import CmError
 from campaign_manager.jobs.leases import (
     Run,
@@ -291,7 +291,7 @@ def run_now(
 ) -> tuple[Attempt, int]:
     """`--wait`: save a job (`save(session)` creates it and stages its input, committed on its own) and run it
     here with run_in_foreground. Returns the attempt and the signal that stopped it (0: none)."""
-    with open_session(settings.database_url, create=settings.database_is_default) as session:
+    with settings_session(settings) as session:
         job_id = int(save(session).id or 0)
     return run_in_foreground(settings.database_url, job_id, worker="cm --wait", progress=progress, settings=settings)
 
