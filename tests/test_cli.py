@@ -262,26 +262,30 @@ class Throwaway:
         self.config = config
         self.sent: list[notifiers.Message] = []
 
-    def send(self, message: notifiers.Message) -> str:
-        self.sent.append(message)
-        return f"throwaway-{len(self.sent)}"
+    def send_batch(self, messages: list[notifiers.Message]) -> list[notifiers.Result]:
+        self.sent.extend(messages)
+        return [notifiers.Result.sent(f"throwaway-{len(self.sent)}")]
 
 
 def test_plugins_lists_the_builtin_outbox() -> None:
-    rows = make_cm(None)("plugins --json").json()
-    assert {"name": "outbox", "module": "campaign_manager.notifiers.outbox:OutboxNotifier", "status": "loaded"} in rows
+    rows = {row["name"]: row for row in make_cm(None)("plugins --json").json()}
+    assert rows["outbox"]["module"] == "campaign_manager.notifiers.outbox:OutboxNotifier"
+    assert (rows["outbox"]["package"], rows["outbox"]["status"]) == ("campaign-manager", "loaded")
     assert "outbox" in make_cm(None)("plugins").stdout
 
 
 def test_a_registered_plugin_is_listed_until_unregistered() -> None:
     notifiers.register("throwaway", Throwaway)
     try:
-        rows = make_cm(None)("plugins --json").json()
-        assert {"name": "throwaway", "module": "registered in process", "status": "loaded"} in rows
+        rows = {row["name"]: row for row in make_cm(None)("plugins --json").json()}
+        assert (rows["throwaway"]["module"], rows["throwaway"]["status"]) == ("registered in process", "loaded")
         cls = notifiers.load_notifiers()["throwaway"]
         instance = cls(ThrowawaySettings(greeting="hi"))
         assert isinstance(instance, notifiers.Notifier)
-        assert instance.send(notifiers.Message(to="a@example.com", subject="s", text="t")) == "throwaway-1"
+        message = notifiers.Message(
+            key="k", to="a@example.com", sender="s@example.com", envelope_from="", subject="s", text="t"
+        )
+        assert instance.send_batch([message]) == [notifiers.Result.sent("throwaway-1")]
     finally:
         notifiers.unregister("throwaway")
     assert "throwaway" not in notifiers.load_notifiers()
@@ -290,24 +294,26 @@ def test_a_registered_plugin_is_listed_until_unregistered() -> None:
 
 def test_outbox_writes_one_file_per_idempotency_key(tmp_path: Path) -> None:
     outbox_class = notifiers.load_notifiers()["outbox"]
-    outbox = outbox_class(notifiers.config_class(outbox_class)(folder=tmp_path / "out"))
+    outbox = outbox_class(notifiers.config_class(outbox_class)(path=tmp_path / "out"))
+    data = b"To: ada@example.com\r\nSubject: Hello\r\nFrom: news@example.com\r\n\r\nPlain\r\n"
     message = notifiers.Message(
+        key="db1-7",
         to="ada@example.com",
+        sender="news@example.com",
+        envelope_from="news@example.com",
         subject="Hello",
         text="Plain",
-        html="<p>Rich</p>",
-        sender="news@example.com",
-        headers={"List-Unsubscribe": "<mailto:unsub@example.com>"},
-        idempotency_key="c1-r1",
+        data=data,
+        message_id="<m1@example.com>",
     )
-    outbox.send(message)
-    outbox.send(message)  # a retry overwrites, never duplicates
+    outbox.open()
+    assert outbox.send_batch([message]) == [notifiers.Result.sent("<m1@example.com>")]
+    outbox.send_batch([message])  # a retry overwrites, never duplicates
     files = list((tmp_path / "out").iterdir())
-    assert [f.name for f in files] == ["c1-r1.eml"]
+    assert [f.name for f in files] == ["db1-7.eml"]
+    assert files[0].stat().st_mode & 0o777 == 0o600
     mail = email.message_from_bytes(files[0].read_bytes())
     assert (mail["To"], mail["Subject"], mail["From"]) == ("ada@example.com", "Hello", "news@example.com")
-    assert mail["List-Unsubscribe"] == "<mailto:unsub@example.com>"
-    assert mail.is_multipart()
 
 
 # --- the installed console script, in real processes

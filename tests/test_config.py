@@ -188,6 +188,18 @@ KEY_VALUES: dict[str, Any] = {
     "jobs.keep_files_days": 2.5,
     "log.level": "debug",
     "log.format": "json",
+    "send.notifier": "outbox",
+    "send.from": "News <news@example.org>",
+    "send.max_attempts": 3,
+    "send.max_delay": 600.0,
+    "send.max_outage": 60.0,
+    "send.record_batch": 10,
+    "send.record_interval": 0.5,
+    "send.claim_batch": 50,
+    "send.max_message_bytes": 1_000_000,
+    "unsubscribe.mailto": "unsubscribe@example.org",
+    "unsubscribe.url": "https://example.org/u/{token}",
+    "unsubscribe.secret": "s3cret",
 }
 
 
@@ -255,7 +267,7 @@ def test_example_file_uncommented_is_valid_and_loads(tmp_path: Path, monkeypatch
     # "# key = value" and "# [notifiers.NAME]" lines are uncommented: the documented values must themselves be
     # valid settings.
     text = re.sub(r"^# (\w+ = |\[notifiers\.\w+\]$)", r"\1", config.render_example(), flags=re.MULTILINE)
-    assert "\n[notifiers.outbox]\n" in text and "\nfolder = " in text
+    assert "\n[notifiers.outbox]\n" in text and "\npath = " in text
     path = _write(tmp_path / "conf" / "campaign.toml", text)
     settings = config.load_settings(str(path))
     assert settings.warnings == []
@@ -266,8 +278,8 @@ def test_example_file_uncommented_is_valid_and_loads(tmp_path: Path, monkeypatch
         if declared.example is None:  # the example shows the default (else a value worked out at run time)
             assert values[key] == declared.default
             assert settings.sources[key] == f"file {path}"
-    assert settings.notifiers["outbox"].folder == tmp_path / "conf" / "outbox"
-    assert settings.notifier_sources["notifiers.outbox.folder"] == f"file {path}"
+    assert settings.notifiers["outbox"].path == tmp_path / "conf" / "outbox"
+    assert settings.notifier_sources["notifiers.outbox.path"] == f"file {path}"
 
 
 def test_readme_documents_every_key() -> None:

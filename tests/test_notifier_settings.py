@@ -20,7 +20,7 @@ from typing import Annotated, Any, NamedTuple
 import pytest
 
 from campaign_manager import config, keys, notifiers
-from campaign_manager.notifiers import Message, key
+from campaign_manager.notifiers import Message, Result, key
 from campaign_manager.notifiers.outbox import OutboxNotifier, OutboxSettings
 from conftest import Run, assert_error, make_cm, run_cm_process
 
@@ -45,8 +45,8 @@ class ProbeNotifier:
     def __init__(self, config: ProbeSettings) -> None:
         self.config = config
 
-    def send(self, message: Message) -> str:
-        return "probe-1"
+    def send_batch(self, messages: list[Message]) -> list[Result]:
+        return [Result.sent("probe-1") for _ in messages]
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_a_notifiers_table_reaches_the_notifier_typed(
     path = _write(
         tmp_path / "conf" / "campaign.toml",
         '[notifiers.probe]\nendpoint = "https://file.example"\nretries = 5\ntimeout = 1\nverify = false\n'
-        'spool = "out"\n\n[notifiers.outbox]\nfolder = "mail"\n',
+        'spool = "out"\n\n[notifiers.outbox]\npath = "mail"\n',
     )
     monkeypatch.setenv("CM_NOTIFIERS_PROBE_ENDPOINT", "https://env.example")
     settings = config.load_settings(str(path))
@@ -88,7 +88,7 @@ def test_a_notifiers_table_reaches_the_notifier_typed(
         endpoint="https://env.example", api_key=None, retries=5, timeout=1.0, verify=False, spool=conf / "out"
     )
     assert type(settings.notifiers["probe"].timeout) is float  # a TOML integer is a fine float, made one
-    assert settings.notifiers["outbox"] == OutboxSettings(folder=conf / "mail")  # relative to the file
+    assert settings.notifiers["outbox"] == OutboxSettings(path=conf / "mail")  # relative to the file
     sources = settings.notifier_sources
     assert sources["notifiers.probe.endpoint"] == "env CM_NOTIFIERS_PROBE_ENDPOINT"
     assert sources["notifiers.probe.retries"] == f"file {path}"
@@ -96,7 +96,12 @@ def test_a_notifiers_table_reaches_the_notifier_typed(
     with pytest.raises(FrozenInstanceError):
         settings.notifiers["probe"].retries = 1  # type: ignore[misc]
     # The outbox notifier built from its settings writes where they say.
-    OutboxNotifier(settings.notifiers["outbox"]).send(Message(to="a@example.com", subject="s", text="t"))
+    outbox = OutboxNotifier(settings.notifiers["outbox"])
+    outbox.open()
+    data = b"To: a@example.com\r\n\r\nt\r\n"
+    outbox.send_batch(
+        [Message(key="k", to="a@example.com", sender="", envelope_from="", subject="s", text="t", data=data)]
+    )
     [written] = (conf / "mail").iterdir()
     assert email.message_from_bytes(written.read_bytes())["To"] == "a@example.com"
 
@@ -106,14 +111,14 @@ def test_environment_values_are_parsed_and_relative_paths_follow_the_working_fol
 ) -> None:
     monkeypatch.setenv("CM_NOTIFIERS_PROBE_RETRIES", "7")
     monkeypatch.setenv("CM_NOTIFIERS_PROBE_VERIFY", "No")
-    monkeypatch.setenv("CM_NOTIFIERS_OUTBOX_FOLDER", "from-env")
+    monkeypatch.setenv("CM_NOTIFIERS_OUTBOX_PATH", "from-env")
     settings = config.load_settings(None)
     assert (settings.notifiers["probe"].retries, settings.notifiers["probe"].verify) == (7, False)
-    assert settings.notifiers["outbox"].folder == tmp_path / "from-env"
-    assert settings.notifier_sources["notifiers.outbox.folder"] == "env CM_NOTIFIERS_OUTBOX_FOLDER"
+    assert settings.notifiers["outbox"].path == tmp_path / "from-env"
+    assert settings.notifier_sources["notifiers.outbox.path"] == "env CM_NOTIFIERS_OUTBOX_PATH"
     assert config.load_settings(None).notifiers["outbox"] != OutboxSettings()  # the default is "outbox"
-    monkeypatch.delenv("CM_NOTIFIERS_OUTBOX_FOLDER")
-    assert config.load_settings(None).notifiers["outbox"] == OutboxSettings(folder=Path("outbox"))
+    monkeypatch.delenv("CM_NOTIFIERS_OUTBOX_PATH")
+    assert config.load_settings(None).notifiers["outbox"] == OutboxSettings(path=Path("outbox"))
 
 
 # --- refused, warned about
@@ -121,9 +126,9 @@ def test_environment_values_are_parsed_and_relative_paths_follow_the_working_fol
 
 @pytest.mark.parametrize("command", ["config show", "group list", "group create news"])
 def test_an_unknown_key_in_an_installed_notifiers_table_exits_7(cm_bare: Cm, tmp_path: Path, command: str) -> None:
-    path = _write(tmp_path / "campaign.toml", '[notifiers.outbox]\nfolder = "out"\nfoldr = "typo"\n')
+    path = _write(tmp_path / "campaign.toml", '[notifiers.outbox]\npath = "out"\npth = "typo"\n')
     run = cm_bare(command, ok=False)
-    assert_error(run, 7, "unknown key 'notifiers.outbox.foldr'", str(path), "the keys of [notifiers.outbox]: folder")
+    assert_error(run, 7, "unknown key 'notifiers.outbox.pth'", str(path), "the keys of [notifiers.outbox]: path")
     assert not (tmp_path / "xdg-data").exists()  # nothing was created
 
 
@@ -172,14 +177,14 @@ def test_notifiers_must_be_tables(cm_bare: Cm, tmp_path: Path, text: str, messag
 
 
 def test_the_table_of_a_notifier_not_installed_is_a_warning(cm_bare: Cm, tmp_path: Path) -> None:
-    path = _write(tmp_path / "campaign.toml", '[notifiers.sms]\napi_key = "k"\n\n[notifiers.outbox]\nfolder = "o"\n')
+    path = _write(tmp_path / "campaign.toml", '[notifiers.sms]\napi_key = "k"\n\n[notifiers.outbox]\npath = "o"\n')
     run = cm_bare("group create news")
     [line] = run.stderr.strip().splitlines()
     assert "WARNING" in line and f"{path}: [notifiers.sms] is ignored: no notifier 'sms' is installed" in line
     assert cm_bare("-q group list --json").stderr == ""  # a warning, which -q silences
     shown = _show(cm_bare)
     assert not [name for name in shown if name.startswith("notifiers.sms")]
-    assert shown["notifiers.outbox.folder"]["value"] == str(tmp_path / "o")
+    assert shown["notifiers.outbox.path"]["value"] == str(tmp_path / "o")
 
 
 def test_a_notifier_that_failed_to_load_is_named_in_the_warning(
@@ -195,10 +200,10 @@ def test_a_notifier_that_failed_to_load_is_named_in_the_warning(
 @pytest.mark.parametrize(
     ("text", "code", "stderr"),
     [
-        ('[notifiers.outbox]\nfoldr = "x"\n', 7, "error: unknown key 'notifiers.outbox.foldr' in {path}"),
-        ("[notifiers.outbox]\nfolder = 3\n", 7, "error: notifiers.outbox.folder from file {path} must be a path"),
+        ('[notifiers.outbox]\npth = "x"\n', 7, "error: unknown key 'notifiers.outbox.pth' in {path}"),
+        ("[notifiers.outbox]\npath = 3\n", 7, "error: notifiers.outbox.path from file {path} must be a path"),
         ('[notifiers.sms]\nkey = "x"\n', 0, "{path}: [notifiers.sms] is ignored: no notifier 'sms' is installed"),
-        ('[notifiers.outbox]\nfolder = "out"\n', 0, ""),
+        ('[notifiers.outbox]\npath = "out"\n', 0, ""),
     ],
 )
 def test_notifier_tables_in_a_real_cm_process(tmp_path: Path, text: str, code: int, stderr: str) -> None:
@@ -323,7 +328,7 @@ def test_a_command_with_no_notifiers_table_does_not_load_the_plugins(tmp_path: P
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
     plain = _write(tmp_path / "plain.toml", '[log]\nlevel = "info"\n')
-    with_table = _write(tmp_path / "with.toml", '[notifiers.outbox]\nfolder = "o"\n')
+    with_table = _write(tmp_path / "with.toml", '[notifiers.outbox]\npath = "o"\n')
     for path, unloaded in ((None, "True"), (plain, "True"), (with_table, "False")):
         args = [sys.executable, "-c", script, *([str(path)] if path else [])]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=True)
@@ -372,8 +377,8 @@ def test_a_notifier_without_a_declaration_takes_no_keys(cm_bare: Cm, tmp_path: P
 
         def __init__(self, config: Any) -> None: ...
 
-        def send(self, message: Message) -> str:
-            return ""
+        def send_batch(self, messages: list[Message]) -> list[Result]:
+            return []
 
     notifiers.register("bare", Bare)  # type: ignore[arg-type]  # no config_class: what an older plugin may be
     try:

@@ -97,20 +97,21 @@ def test_settings_are_typed_sections(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_config_show_draws_its_table_and_its_json_from_one_model(cm_bare: Cm, tmp_path: Path) -> None:
-    (tmp_path / "campaign.toml").write_text('[worker]\nretries = 1\n[notifiers.outbox]\nfolder = "o"\n')
+    (tmp_path / "campaign.toml").write_text('[worker]\nretries = 1\n[notifiers.outbox]\npath = "o"\n')
     model = cm_bare("config show --json").json()
     assert model == config.describe_settings(config.load_settings(None))
     table = cm_bare("config show")
     assert table.stderr == f"config file: {model['config_file']}\n"
     lines = table.stdout.splitlines()
     assert re.split(r"\s{2,}", lines[0]) == ["key", "value", "source"]
+    value_at, source_at = lines[0].index("value"), lines[0].index("source")  # columns: a value may be empty
     rows = {
-        key: {"value": value, "source": source}
-        for key, value, source in (re.split(r"\s{2,}", line) for line in lines[1:])
+        line[:value_at].strip(): {"value": line[value_at:source_at].strip(), "source": line[source_at:].strip()}
+        for line in lines[1:]
     }
     as_text = {
         key: {"value": str(shown["value"]), "source": shown["source"]} for key, shown in model["settings"].items()
     }
     assert rows == as_text
     assert list(rows)[: len(config.KEYS)] == list(config.KEYS)  # cm's own keys, then the notifiers'
-    assert rows["notifiers.outbox.folder"]["value"] == str(tmp_path / "o")
+    assert rows["notifiers.outbox.path"]["value"] == str(tmp_path / "o")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign_manager.errors import ConfigError, InvalidInput
-from campaign_manager.keys import Key, coerce, declared, read_table, toml_value
+from campaign_manager.keys import Key, build, coerce, declared, read_table, toml_value
 from campaign_manager.sections import (
     KEYS,
     SECTIONS,
@@ -28,6 +28,8 @@ from campaign_manager.sections import (
     JobsSettings,
     LogSettings,
     QueueSettings,
+    SendSettings,
+    UnsubscribeSettings,
     WorkerSettings,
 )
 
@@ -49,6 +51,8 @@ class Settings:
     imports: ImportSettings  # the [import] table
     jobs: JobsSettings
     log: LogSettings
+    send: SendSettings
+    unsubscribe: UnsubscribeSettings
     # dotted key -> where its value came from: "default", "file PATH", "env NAME", "flag".
     sources: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
@@ -97,12 +101,12 @@ class Settings:
             declaration = config_class(cls)
             table = self.notifier_tables.get(name, {})
             values = read_table(declaration, f"{NOTIFIERS}.{name}", table, file=self.config_file, sources=sources)
-            configs[name] = declaration(**values)
+            configs[name] = build(declaration, values)
         return configs, sources
 
     def values(self) -> dict[str, Any]:
         """Every key of cm's own tables, by dotted name."""
-        return {name: getattr(getattr(self, _attribute(name.split(".")[0])), k.name) for name, k in KEYS.items()}
+        return {name: getattr(getattr(self, _attribute(name.split(".")[0])), k.attribute) for name, k in KEYS.items()}
 
 
 def data_dir() -> Path:
@@ -202,7 +206,7 @@ def load_settings(config: str | None = None, flags: Mapping[str, Any] | None = N
     _check_log(values["log"], sources)
 
     settings = Settings(
-        **{_attribute(table): cls(**values[table]) for table, cls in SECTIONS.items()},
+        **{_attribute(table): build(cls, values[table]) for table, cls in SECTIONS.items()},
         sources=sources,
         config_file=file,
         notifier_tables=_notifier_tables(tables.get(NOTIFIERS, {}), file),
@@ -248,6 +252,7 @@ def _exposed_secrets(path: Path, raw: dict[str, Any], settings: Settings) -> lis
     """A warning if the file holds a secret (a value `mask` hides) and every local user may read it. Group-readable
     is fine: a systemd unit's group may need to read the file."""
     secrets = {f"{NOTIFIERS}.{name}.{k.name}" for name, k in _notifier_keys(settings) if k.secret}
+    secrets |= {name for name, k in KEYS.items() if k.secret}
     if not any(mask(name, value, secret=name in secrets) != value for name, value in _flatten(raw).items()):
         return []
     try:
@@ -281,8 +286,8 @@ SECRET_WORDS = ("password", "secret", "token")
 def mask(name: str, value: Any, *, secret: bool = False) -> Any:
     """Hide passwords: whole values of declared secrets (and of keys named like one), and the password part of
     URLs."""
-    if value is None:
-        return None
+    if value is None or value == "":
+        return value  # nothing to hide
     if secret or any(word in name.rsplit(".", 1)[-1] for word in SECRET_WORDS):
         return MASKED
     text = str(value)
@@ -305,7 +310,7 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
     for notifier, config in settings.notifiers.items():
         for k in declared(type(config)):
             name = f"{NOTIFIERS}.{notifier}.{k.name}"
-            value = _plain(mask(name, getattr(config, k.name), secret=k.secret))
+            value = _plain(mask(name, getattr(config, k.attribute), secret=k.secret))
             shown[name] = {"value": value, "source": sources[name]}
     return {"config_file": str(settings.config_file) if settings.config_file else None, "settings": shown}
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
+from keyword import iskeyword
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, ForwardRef, NamedTuple, get_args, get_origin, get_type_hints
@@ -56,6 +57,11 @@ class Key(NamedTuple):
     env: str | None = None
     secret: bool = False
     example: str | None = None
+
+    @property
+    def attribute(self) -> str:
+        """The field of the settings class holding it (`from_` for the key `from`)."""
+        return f"{self.name}_" if iskeyword(self.name) else self.name
 
     @property
     def type_name(self) -> str:
@@ -108,8 +114,14 @@ def _declare(cls: type) -> tuple[Key, ...]:
         if get_origin(hint) is not Annotated or len(docs) != 1:
             raise TypeError(f"{where} must be annotated Annotated[TYPE, key(...)] (campaign_manager.keys.key)")
         kind, optional = _kind(get_args(hint)[0], where)
-        keys.append(Key(name, kind, optional, default, *docs[0]))
+        # A key named by a Python keyword is declared with a trailing underscore (`from_` is the key `from`).
+        keys.append(Key(name[:-1] if iskeyword(name[:-1]) else name, kind, optional, default, *docs[0]))
     return tuple(keys)
+
+
+def build(cls: type, values: Mapping[str, Any]) -> Any:
+    """An instance of the settings class `cls` from its values by key name (in declaration order)."""
+    return cls(*(values[k.name] for k in declared(cls)))
 
 
 def _kind(hint: Any, where: str) -> tuple[type, bool]:

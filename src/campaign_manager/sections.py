@@ -72,6 +72,81 @@ class LogSettings(NamedTuple):
     format: Annotated[str, key("text or json (one JSON object a line, on stderr)", env="CM_LOG_FORMAT")] = "text"
 
 
+class SendSettings(NamedTuple):
+    notifier: Annotated[
+        str,
+        key(
+            "required to send: email, outbox, webhook or a plugin's name (`cm plugins`); no default, so a missing"
+            " setting never sends a campaign somewhere unintended",
+            env="CM_SEND_NOTIFIER",
+            example='"email"',
+        ),
+    ] = ""
+    from_: Annotated[
+        str,
+        key(
+            "the From of every message, unless a campaign has its own",
+            env="CM_SEND_FROM",
+            example='"News <news@example.com>"',
+        ),
+    ] = ""
+    max_attempts: Annotated[
+        int, key("attempts at one delivery before it is marked failed", env="CM_SEND_MAX_ATTEMPTS")
+    ] = 5
+    max_delay: Annotated[
+        float,
+        key(
+            "seconds; a scheduled send found later than this is paused (reason `late`), not started",
+            env="CM_SEND_MAX_DELAY",
+        ),
+    ] = 21600.0
+    max_outage: Annotated[
+        float,
+        key("seconds the notifier may be down before the campaign pauses", env="CM_SEND_MAX_OUTAGE"),
+    ] = 21600.0
+    record_batch: Annotated[
+        int, key("results are recorded at least every this many messages ...", env="CM_SEND_RECORD_BATCH")
+    ] = 100
+    record_interval: Annotated[float, key("... or every this many seconds", env="CM_SEND_RECORD_INTERVAL")] = 0.2
+    claim_batch: Annotated[
+        int,
+        key(
+            "deliveries a worker claims at once; an opt-out is honoured by every batch claimed after it commits",
+            env="CM_SEND_CLAIM_BATCH",
+        ),
+    ] = 500
+    max_message_bytes: Annotated[
+        int, key("a rendered message larger than this fails rather than being sent", env="CM_SEND_MAX_MESSAGE_BYTES")
+    ] = 10_000_000
+
+
+class UnsubscribeSettings(NamedTuple):
+    mailto: Annotated[
+        str,
+        key(
+            "the address of the List-Unsubscribe mailto: link (its subject carries the token)",
+            env="CM_UNSUBSCRIBE_MAILTO",
+            example='"unsubscribe@example.com"',
+        ),
+    ] = ""
+    url: Annotated[
+        str,
+        key(
+            "the one-click unsubscribe link; must contain {token} (`cm serve` answers it)",
+            env="CM_UNSUBSCRIBE_URL",
+            example='"https://example.com/u/{token}"',
+        ),
+    ] = ""
+    secret: Annotated[
+        str,
+        key(
+            "signs the tokens; not set: a secret made for the database when it was created",
+            env="CM_UNSUBSCRIBE_SECRET",
+            secret=True,
+        ),
+    ] = ""
+
+
 # table of campaign.toml -> its section. Settings has an attribute for each, named alike except `imports`
 # (`import` is a Python keyword).
 SECTIONS: dict[str, type] = {
@@ -81,6 +156,8 @@ SECTIONS: dict[str, type] = {
     "import": ImportSettings,
     "jobs": JobsSettings,
     "log": LogSettings,
+    "send": SendSettings,
+    "unsubscribe": UnsubscribeSettings,
 }
 # Every key of cm's own tables, by dotted name.
 KEYS: dict[str, Key] = {f"{table}.{k.name}": k for table, cls in SECTIONS.items() for k in declared(cls)}

@@ -1,19 +1,46 @@
 """The notifier contract and the plugin registry.
 
-A notifier delivers one rendered message to one recipient. Plugins are found through the entry-point group
-`campaign_manager.notifiers`; the built-ins are declared in cm's own pyproject under the same group, so they
-load exactly like third-party ones. Loading is lazy and happens once per process.
+A notifier delivers rendered messages. The sender opens it once for a run of work, hands it messages in batches
+and closes it after, so that connections are reused:
+
+    class Notifier:
+        name = "sms"                      # the entry-point name it is registered under
+        config_class = SmsSettings        # its [notifiers.sms] keys (see below); optional
+        needs = Need.PHONE                # the address it sends to: Need.EMAIL (the default) or Need.PHONE
+
+        def __init__(self, config: SmsSettings) -> None: ...
+        def open(self) -> None: ...                       # optional; may be a coroutine
+        def send_batch(self, messages: Sequence[Message]) -> list[Result]: ...   # one Result a message, in order
+        def close(self) -> None: ...                      # optional; may be a coroutine
+
+`send_batch` may be a coroutine (`async def`: the built-in email notifier) or a plain function, which the sender
+runs in a thread (the outbox, and most third-party plugins). Each message gets a `Result`: `Result.sent(provider
+id)`, `Result.retry(reason)` (transient: tried again later, with backoff, up to `send.max_attempts`) or
+`Result.failed(reason)` (permanent). A failure of the notifier itself rather than of one message (the server or
+gateway is down, authentication was refused) is `raise NotifierDown(reason)` from `open` or `send_batch`: the
+sender counts no attempt against the messages it did not get results for, backs off and tries again later.
+
+A notifier that can report results one by one as they complete defines `stream(messages)` instead (an async
+generator of `(message, result)` pairs, fed from an async iterator of messages); the sender then records results
+as they come. The email notifier does, so that a crash can lose at most the results of the messages in flight.
+
+Plugins are found through the entry-point group `campaign_manager.notifiers`; the built-ins are declared in cm's own
+pyproject under the same group, so they load exactly like third-party ones. Loading is lazy and happens once per
+process; a plugin that fails to import is reported (`cm plugins`) and skipped.
 
 A notifier's settings are its table in campaign.toml, `[notifiers.NAME]`. It declares the keys it takes in a typed
 class, its `config_class` (a NamedTuple or a frozen dataclass), one field a key, annotated with `key()` (its help,
 its environment variable, whether it is a secret; see `campaign_manager.keys`): cm refuses an unknown key or a
-value of the wrong type (exit 7), masks the secrets in `cm config show`, and hands the notifier an instance.
+value of the wrong type (exit 7), masks the secrets in `cm config show`, and hands the notifier an instance. A key
+named `rate` (messages per second, 0 for no limit) is the notifier's rate limit, applied by the sender.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from campaign_manager.keys import key as key  # for plugins: `from campaign_manager.notifiers import key`
@@ -22,18 +49,76 @@ ENTRY_POINT_GROUP = "campaign_manager.notifiers"
 DISTRIBUTION = "campaign-manager"  # whose entry points are the built-ins
 
 
-@dataclass(frozen=True)
-class Message:
-    """One message for one recipient, already rendered."""
+class Need(StrEnum):
+    """The address a notifier sends to. A recipient without one is skipped (reason `no email` / `no phone`)."""
 
-    to: str
+    EMAIL = "email"
+    PHONE = "phone"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message for one recipient, rendered.
+
+    `data` is the whole RFC 5322 message (headers and body, CRLF line endings, not dot-stuffed), ready for SMTP or
+    an .eml file; `subject`, `text` and `html` are the same content for notifiers that post it elsewhere (an SMS or
+    chat gateway). `key` is the idempotency key, `<database id>-<delivery id>`: the same for every attempt at one
+    delivery, so a notifier (or the receiving side) can drop a duplicate."""
+
+    key: str
+    to: str  # the address the notifier needs: an email address, or a phone number
+    sender: str  # the From header's value ("News <news@example.com>")
+    envelope_from: str  # the bare address (SMTP's MAIL FROM)
     subject: str
     text: str
     html: str | None = None
-    sender: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    # Stable across retries, so a notifier (or the receiving side) can drop a duplicate.
-    idempotency_key: str = ""
+    data: bytes = b""
+    message_id: str = ""  # the Message-ID header's value, "<...@domain>"
+    headers: tuple[tuple[str, str], ...] = ()  # the extra headers in `data` (List-Unsubscribe ...), for gateways
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    RETRY = "retry"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What became of one message. Build one with `Result.sent`, `Result.retry` or `Result.failed`."""
+
+    outcome: Outcome
+    provider_id: str = ""  # the provider's id for a sent message (the SMTP reply's queue id, a gateway's id)
+    reason: str = ""  # why it was not sent (one line; the sender replaces addresses in it by `<recipient>`)
+    bounce: bool = False  # a permanent failure saying the address does not exist (SMTP 5.1.x): a hard bounce
+    retry_after: float | None = None  # seconds the provider asked to wait (429 Retry-After), for a retry
+    # The message may have been delivered although no success was heard (the connection dropped after the data
+    # went out): retried, and counted as a possible duplicate.
+    uncertain: bool = False
+
+    @classmethod
+    def sent(cls, provider_id: str = "") -> Result:
+        return cls(Outcome.SENT, provider_id=provider_id)
+
+    @classmethod
+    def retry(cls, reason: str, *, after: float | None = None, uncertain: bool = False) -> Result:
+        return cls(Outcome.RETRY, reason=reason, retry_after=after, uncertain=uncertain)
+
+    @classmethod
+    def failed(cls, reason: str, *, bounce: bool = False) -> Result:
+        return cls(Outcome.FAILED, reason=reason, bounce=bounce)
+
+
+class NotifierDown(Exception):
+    """The notifier itself cannot deliver (cannot connect, TLS or authentication refused, 421, a gateway that
+    answers nothing): not the recipients' fault. No attempt is counted for the messages without a result; the
+    sender backs off (`retry_after` seconds if given) and, after `send.max_outage`, pauses the campaign with this
+    reason."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class NoKeys(NamedTuple):
@@ -42,7 +127,7 @@ class NoKeys(NamedTuple):
 
 @runtime_checkable
 class Notifier(Protocol):
-    """What a plugin implements. `name` is the entry-point name it was registered under."""
+    """What a plugin implements (see the module's doc). `open` and `close` are optional."""
 
     name: str
     # The keys of its table, [notifiers.NAME] (see the module's doc). A notifier without one takes no keys.
@@ -52,20 +137,27 @@ class Notifier(Protocol):
         """`config`: an instance of `config_class`, from its defaults, the plugin's table in campaign.toml and
         the environment variables it declares, each value checked against its declared type."""
 
-    def send(self, message: Message) -> str:
-        """Deliver one message; return a provider id (Message-ID, say). Raise to report a failure: a
-        `TemporaryFailure` is retried, anything else marks the delivery failed."""
+    def send_batch(self, messages: Sequence[Message]) -> Sequence[Result] | Awaitable[Sequence[Result]]:
+        """One `Result` per message, in order; `raise NotifierDown` when the notifier itself cannot deliver."""
         ...
 
 
-class TemporaryFailure(Exception):
-    """The delivery may succeed later (a 4xx SMTP reply, a timeout, a 503)."""
+class StreamingNotifier(Protocol):
+    """A notifier that reports results as they complete (the email notifier)."""
+
+    def stream(self, messages: AsyncIterator[Message]) -> AsyncIterator[tuple[Message, Result]]: ...
+
+
+def needs(cls: type) -> Need:
+    """The address `cls` sends to (`needs`, default email)."""
+    return Need(getattr(cls, "needs", Need.EMAIL))
 
 
 _lock = threading.Lock()
 _loaded: dict[str, type[Notifier]] | None = None
 _errors: dict[str, str] = {}
 _sources: dict[str, str] = {}
+_packages: dict[str, tuple[str, str]] = {}  # name -> (distribution, version)
 _builtin: set[str] = set()
 
 
@@ -79,8 +171,10 @@ def load_notifiers() -> dict[str, type[Notifier]]:
             found: dict[str, type[Notifier]] = {}
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 _sources[ep.name] = ep.value
-                if ep.dist is not None and ep.dist.name == DISTRIBUTION:
-                    _builtin.add(ep.name)
+                if ep.dist is not None:
+                    _packages[ep.name] = (ep.dist.name, ep.dist.version)
+                    if ep.dist.name == DISTRIBUTION:
+                        _builtin.add(ep.name)
                 try:
                     found[ep.name] = ep.load()
                 except Exception as exc:
@@ -118,11 +212,38 @@ def unregister(name: str) -> None:
         _loaded.pop(name, None)
     _sources.pop(name, None)
     _errors.pop(name, None)
+    _packages.pop(name, None)
     _builtin.discard(name)
 
 
 def describe_plugins() -> list[dict[str, Any]]:
+    """Each notifier (loaded, then failed), with its module, package and version, and what it sends to."""
     loaded = load_notifiers()
-    rows = [{"name": n, "module": _sources.get(n, ""), "status": "loaded"} for n in sorted(loaded)]
-    rows += [{"name": n, "module": _sources.get(n, ""), "status": f"failed: {e}"} for n, e in sorted(_errors.items())]
+    rows: list[dict[str, Any]] = []
+    for name in sorted(loaded):
+        package, version = _packages.get(name, ("", ""))
+        rows.append(
+            {
+                "name": name,
+                "module": _sources.get(name, ""),
+                "package": package,
+                "version": version,
+                "needs": str(needs(loaded[name])),
+                "status": "loaded",
+                "error": None,
+            }
+        )
+    for name, error in sorted(_errors.items()):
+        package, version = _packages.get(name, ("", ""))
+        rows.append(
+            {
+                "name": name,
+                "module": _sources.get(name, ""),
+                "package": package,
+                "version": version,
+                "needs": None,
+                "status": "failed",
+                "error": error,
+            }
+        )
     return rows
