@@ -88,7 +88,8 @@ def test_help_is_plain_and_names_every_value(path: tuple[str, ...], command: Any
     for param in command.params:
         if param.param_type_name == "argument":
             assert param.metavar and VALUE_NAME.fullmatch(param.metavar), (param.name, param.metavar)
-            assert param.metavar in usage.split(), usage
+            shown = param.metavar if param.required else f"[{param.metavar}]"  # an optional one is bracketed
+            assert shown in usage.split(), usage
             continue
         column = _option_column(rendered, param.opts[0])
         values = [w for w in column if not w.startswith("-")]

@@ -93,6 +93,13 @@ class SendSettings(NamedTuple):
     max_attempts: Annotated[
         int, key("attempts at one delivery before it is marked failed", env="CM_SEND_MAX_ATTEMPTS")
     ] = 5
+    retry_delay: Annotated[
+        float,
+        key(
+            "seconds before a delivery's first retry; each later one waits twice as long (at most max_delay)",
+            env="CM_SEND_RETRY_DELAY",
+        ),
+    ] = 60.0
     max_delay: Annotated[
         float,
         key(

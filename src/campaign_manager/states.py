@@ -15,6 +15,7 @@ class RecipientStatus(StrEnum):
 
     ACTIVE = "active"
     OPTED_OUT = "opted_out"
+    BOUNCED = "bounced"  # a hard bounce (SMTP 5.1.x): never mailed again until `cm recipient update --clear-bounce`
 
 
 class JobStatus(StrEnum):
@@ -36,9 +37,26 @@ class ConsentAction(StrEnum):
     OPT_OUT = "opt_out"
     OPT_IN = "opt_in"
     FORGET = "forget"
+    BOUNCE = "bounce"
+    CLEAR_BOUNCE = "clear_bounce"
 
 
 class CampaignStatus(StrEnum):
-    """`campaign.status`. Sending (a later issue) adds the states after a draft."""
+    """`campaign.status`: draft -> scheduled -> sending -> sent, or paused (and resumed), or cancelled. `sent` only
+    when no delivery is pending."""
 
     DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    PAUSED = "paused"
+    SENT = "sent"
+    CANCELLED = "cancelled"
+
+
+class DeliveryStatus(StrEnum):
+    """`delivery.status`: one row per recipient of a campaign, the ledger of who got it."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"

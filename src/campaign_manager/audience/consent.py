@@ -3,7 +3,9 @@
 - An address may be added (created if new, put in a group or a campaign's audience) only while it is neither
   forgotten nor held by a recipient who is not active (`may_add`; in SQL `sql_may_add`). An opted-out person stays
   opted out: imports, creates and updates never reactivate anyone. Only the paths in REACTIVATION_PATHS do.
-- Only an active recipient is mailed (`mailable`, `may_mail`).
+- Only an active recipient is mailed (`mailable`, `may_mail`). A hard bounce (`bounce`) makes a recipient
+  `bounced`: never mailed again until an operator clears it (`clear_bounce`, `cm recipient update --clear-bounce`).
+  A campaign's ledger says why each recipient it skips is skipped (`skip_reason`, `sql_skip_reason`).
 - A forgotten person is erased; only the SHA-256 of their email key is kept, in `suppression`, and an address
   with that hash can never be created, imported or mailed again. No other module reads or writes `suppression`,
   and no other module writes a recipient's status: new recipients are made by `new_recipient`.
@@ -41,7 +43,7 @@ _CAMPAIGN_LINKS = sa.table("campaign_recipient", sa.column("recipient_id"))
 REACTIVATION_PATHS = ("cm recipient opt-in",)
 
 # Why an address may not be added (what `may_add` returns; `cm group add-recipients` shows it).
-FORGOTTEN_REASON, OPTED_OUT_REASON = "forgotten on request", "opted out"
+FORGOTTEN_REASON, OPTED_OUT_REASON, BOUNCED_REASON = "forgotten on request", "opted out", "bounced"
 
 
 def may_add(status: str | None, *, forgotten: bool) -> str | None:
@@ -51,8 +53,23 @@ def may_add(status: str | None, *, forgotten: bool) -> str | None:
     if forgotten:
         return FORGOTTEN_REASON
     if status is not None and status != RecipientStatus.ACTIVE:
-        return OPTED_OUT_REASON
+        return skip_reason(status)
     return None
+
+
+def skip_reason(status: str | None) -> str:
+    """Why a recipient of this status (None: forgotten, the row is gone) is not mailed."""
+    if status is None:
+        return FORGOTTEN_REASON
+    return BOUNCED_REASON if status == RecipientStatus.BOUNCED else OPTED_OUT_REASON
+
+
+def sql_skip_reason(status: str) -> str:
+    """`skip_reason` in SQL, over an expression for the recipient's status (NULL when the row is gone)."""
+    return (
+        f"CASE WHEN {status} IS NULL THEN '{FORGOTTEN_REASON}' WHEN {status} = '{RecipientStatus.BOUNCED}'"
+        f" THEN '{BOUNCED_REASON}' ELSE '{OPTED_OUT_REASON}' END"
+    )
 
 
 def may_mail(status: str) -> bool:
@@ -64,6 +81,11 @@ def mailable() -> ColumnElement[bool]:
     """The SQL condition every audience query uses: only active recipients may be mailed. It names the table's
     column (which ORM queries take as well): a listing stays a query over tables, which costs no ORM set-up."""
     return inspect(Recipient).local_table.c.status == RecipientStatus.ACTIVE
+
+
+def sql_mailable(status: str) -> str:
+    """`may_mail` as a SQL condition over an expression for the recipient's status."""
+    return f"{status} = '{RecipientStatus.ACTIVE}'"
 
 
 def sql_may_add(status: str, gone: str) -> str:
@@ -184,6 +206,41 @@ def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source
         recipient_id=recipient.id,
         action=ConsentAction.OPT_IN,
         reason=reason,
+        source=source,
+    )
+    return True
+
+
+def bounce(session: Session, recipient_id: int, *, reason: str, source: str) -> bool:
+    """A hard bounce (the address does not exist): an active recipient becomes `bounced`, which no campaign mails
+    until `clear_bounce`. Returns whether anything changed."""
+    recipient = session.get(Recipient, recipient_id)
+    if recipient is None or recipient.status != RecipientStatus.ACTIVE:
+        return False
+    recipient.status, recipient.updated_at = RecipientStatus.BOUNCED, utcnow()
+    _record(
+        session,
+        key=recipient.email_key,
+        recipient_id=recipient.id,
+        action=ConsentAction.BOUNCE,
+        reason=reason[: limits.REASON],
+        source=source,
+    )
+    return True
+
+
+def clear_bounce(session: Session, recipient: Recipient, *, source: str) -> bool:
+    """`cm recipient update --clear-bounce`: a bounced recipient is mailable again (the address was fixed, or the
+    bounce was the server's mistake). Returns whether anything changed."""
+    if recipient.status != RecipientStatus.BOUNCED:
+        return False
+    recipient.status, recipient.updated_at = RecipientStatus.ACTIVE, utcnow()
+    _record(
+        session,
+        key=recipient.email_key,
+        recipient_id=recipient.id,
+        action=ConsentAction.CLEAR_BOUNCE,
+        reason=None,
         source=source,
     )
     return True

@@ -18,7 +18,7 @@ from campaign_manager.imports.scrub import rejects_naming, scrub_address
 from campaign_manager.tables.audience import Group, GroupMember, Recipient
 from campaign_manager.tables.base import utcnow
 from campaign_manager.tables.jobs import ImportReject
-from campaign_manager.tables.sending import Campaign, CampaignRecipient
+from campaign_manager.tables.sending import Campaign, CampaignRecipient, Delivery
 
 
 def find_recipient(session: Session, ref: str | int) -> Recipient | None:
@@ -95,10 +95,13 @@ def update_recipient(
     attributes: dict[str, Any] | None = None,
     add_groups: Sequence[str] = (),
     remove_groups: Sequence[str] = (),
+    clear_bounce: bool = False,
 ) -> Recipient:
     """Change what is given; an attribute set to the empty string is removed. Status is not changed here:
-    that is `consent.opt_out` / `consent.opt_in`."""
+    that is `consent` (opt_out, opt_in, clear_bounce)."""
     recipient = get_recipient(session, ref)
+    if clear_bounce:
+        consent.clear_bounce(session, recipient, source="cm recipient update --clear-bounce")
     limits.check_attributes(attributes)
     if name is not None:
         recipient.name = _clean_name(name) or None
@@ -162,6 +165,16 @@ def export_recipient(session: Session, ref: str | int) -> dict[str, Any]:
         .order_by(col(Campaign.id))
     ).all()
     data["campaigns"] = [{"id": cid, "title": title} for cid, title in named]
+    deliveries = session.exec(
+        select(  # type: ignore[call-overload]  # sqlmodel's select overloads stop at four columns of these types
+            Delivery.campaign_id, Delivery.status, Delivery.attempts, Delivery.last_error, Delivery.sent_at
+        )
+        .where(Delivery.recipient_id == recipient.id)
+        .order_by(col(Delivery.campaign_id))
+    ).all()
+    data["deliveries"] = [
+        {"campaign_id": c, "status": s, "attempts": a, "error": e, "sent_at": t} for c, s, a, e, t in deliveries
+    ]
     rejects = session.exec(
         select(ImportReject)
         .where(rejects_naming(recipient.email_key))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from campaign_manager.cli import _sending
 from campaign_manager.cli._common import JsonOption, emit, emit_items, info, print_record, state
 from campaign_manager.cli._imports import (
     Delimiter,
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
     from campaign_manager.tables.sending import Campaign
 
 app = typer.Typer(
-    name="campaign", help="Create and inspect campaigns.\n\nExample: cm campaign list", no_args_is_help=True
+    name="campaign",
+    help="Create, send and inspect campaigns.\n\nExample: cm campaign send 1 --wait",
+    no_args_is_help=True,
 )
 
 COLUMNS = ("id", "title", "subject", "status", "audience")
@@ -148,3 +151,59 @@ def show(
     with state(ctx).session(write=False) as session:
         data = campaigns.describe_campaigns(session, [campaigns.get_campaign(session, ref)], full=True)[0]
     emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Campaign id", show_default=False)],
+    title: Annotated[str | None, typer.Option(help="New title")] = None,
+    subject: Annotated[str | None, typer.Option(help="New subject line (a template)")] = None,
+    text: Annotated[str | None, typer.Option(help="New plain-text body (a template)")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="Read the new plain-text body from a file")] = None,
+    html_file: Annotated[Path | None, typer.Option(help="Read a new HTML body from a file")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="New From address")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a draft campaign (its templates are checked).
+
+    Example: cm campaign update 1 --subject "Hello {{ name }}"
+    """
+    from campaign_manager.sending import campaigns
+
+    if text is not None and text_file is not None:
+        raise InvalidInput("give at most one of --text and --text-file")
+    body = read_text(text_file, "--text-file") if text_file is not None else text
+    html = read_text(html_file, "--html-file") if html_file is not None else None
+    with state(ctx).session() as session:
+        campaign = campaigns.update_campaign(
+            session, ref, title=title, subject=subject, text=body, html=html, from_address=from_
+        )
+        data = campaigns.describe_campaigns(session, [campaign])[0]
+    emit(data, as_json=as_json, render=print_record)
+
+
+@app.command("delete")
+def delete(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Campaign id", show_default=False)]) -> None:
+    """Delete a draft (or cancelled) campaign.
+
+    Example: cm campaign delete 1
+    """
+    from campaign_manager.sending import campaigns
+
+    with state(ctx).session() as session:
+        cid = campaigns.delete_campaign(session, ref)
+    info(ctx, f"deleted campaign {cid}")
+
+
+for _name, _command in (
+    ("send", _sending.send),
+    ("pause", _sending.pause),
+    ("resume", _sending.resume),
+    ("cancel", _sending.cancel),
+    ("retry", _sending.retry),
+    ("stats", _sending.stats),
+    ("deliveries", _sending.deliveries),
+    ("preview", _sending.preview),
+):
+    app.command(_name)(_command)

@@ -103,6 +103,7 @@ def list_(
     ctx: typer.Context,
     active: Annotated[bool, typer.Option("--active", help="Only active recipients")] = False,
     opted_out: Annotated[bool, typer.Option("--opted-out", help="Only opted-out recipients")] = False,
+    bounced: Annotated[bool, typer.Option("--bounced", help="Only recipients whose address hard-bounced")] = False,
     group: Annotated[str | None, typer.Option(help="Only members of this group (id or name)")] = None,
     search: Annotated[str | None, typer.Option(help="Text to find in the email or name")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many")] = None,
@@ -116,9 +117,18 @@ def list_(
     from campaign_manager.errors import InvalidInput
     from campaign_manager.states import RecipientStatus
 
-    if active and opted_out:
-        raise InvalidInput("--active and --opted-out exclude each other")
-    status = RecipientStatus.ACTIVE if active else RecipientStatus.OPTED_OUT if opted_out else None
+    chosen = [
+        s
+        for s, on in (
+            (RecipientStatus.ACTIVE, active),
+            (RecipientStatus.OPTED_OUT, opted_out),
+            (RecipientStatus.BOUNCED, bounced),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise InvalidInput("--active, --opted-out and --bounced exclude each other")
+    status = chosen[0] if chosen else None
     _list(ctx, status=status, group=group, search=search, limit=limit, offset=offset, as_json=as_json)
 
 
@@ -163,9 +173,13 @@ def update(
     remove_group: Annotated[
         list[str] | None, typer.Option("--remove-group", help="Remove from group (repeatable)")
     ] = None,
+    clear_bounce: Annotated[
+        bool, typer.Option("--clear-bounce", help="Mail this hard-bounced address again (it was fixed)")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a recipient's name, phone, attributes or groups (not their consent: see opt-out/opt-in).
+    """Change a recipient's name, phone, attributes or groups (not their consent: see opt-out/opt-in), or clear a
+    hard bounce.
 
     Example: cm recipient update ada@example.com --attr plan=pro --add-group vip --remove-group trial
     """
@@ -181,6 +195,7 @@ def update(
             attributes=attributes,
             add_groups=add_group or (),
             remove_groups=remove_group or (),
+            clear_bounce=clear_bounce,
         )
         data = recipients.describe_many(session, [person])[0]
     emit(data, as_json=as_json, render=print_record)
@@ -189,8 +204,13 @@ def update(
 @app.command("opt-out")
 def opt_out(
     ctx: typer.Context,
-    email: Annotated[str, typer.Argument(help="Email address (need not be in the database yet)")],
+    email: Annotated[
+        str | None, typer.Argument(help="Email address (need not be in the database yet)", show_default=False)
+    ] = None,
     reason: Annotated[str | None, typer.Option(help="Why, for the consent log")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="An unsubscribe token from a message (the mailto: link's subject)")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Opt an address out: it is never mailed again until an explicit opt-in.
@@ -198,9 +218,23 @@ def opt_out(
     Example: cm recipient opt-out bob@example.com --reason "asked by phone"
     """
     from campaign_manager.audience import recipients
+    from campaign_manager.errors import InvalidInput
 
+    if (email is None) == (token is None):
+        raise InvalidInput("give an email address or --token, not both")
     with state(ctx).session() as session:
-        person, changed = recipients.opt_out_address(session, email, reason=reason, source="cm recipient opt-out")
+        if token is not None:
+            from campaign_manager.sending.unsubscribe import opt_out_by_token
+
+            found = opt_out_by_token(session, state(ctx).settings, token, reason=reason)
+            if found is None:
+                info(ctx, "a test token, or a person since forgotten: nothing to do")
+                return
+            person, changed = found
+        else:
+            person, changed = recipients.opt_out_address(
+                session, email or "", reason=reason, source="cm recipient opt-out"
+            )
         data = recipients.describe_many(session, [person])[0]
     # People are named by id on stderr: a terminal's scrollback and a log outlive `forget`.
     info(ctx, f"recipient {data['id']} {'opted out' if changed else 'was already opted out'}")

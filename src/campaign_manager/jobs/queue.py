@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from huey import Huey
@@ -157,19 +157,21 @@ def close_huey(huey: JobQueue) -> None:
         pool.disconnect()
 
 
-def enqueue_job(settings: Settings, job_id: int, *, huey: JobQueue | None = None) -> None:
-    """Put a job's message on the queue; QueueError if the queue cannot take it."""
+def enqueue_job(settings: Settings, job_id: int, *, huey: JobQueue | None = None, eta: datetime | None = None) -> None:
+    """Put a job's message on the queue (to run at `eta`, if given); QueueError if the queue cannot take it."""
     own = huey is None
     try:
         if huey is None:
             huey = get_huey(settings, blocking=False)
-        send_message(huey, job_id)
+        send_message(huey, job_id, eta=eta)
     finally:
         if own and huey is not None:
             close_huey(huey)
 
 
-def submit_job(settings: Settings, save: Callable[[Session], Job]) -> Job:
+def submit_job(
+    settings: Settings, save: Callable[[Session], Job], *, eta: Callable[[Session], datetime | None] | None = None
+) -> Job:
     """Save a job (`save(session)` creates it and stages its input) and queue it, all or nothing: the message goes
     on the queue inside the transaction that saves the job, so a command that reports a failure (the queue is
     down, the disk is full at the commit) leaves no job behind. A message that outruns the commit waits for it
@@ -178,12 +180,16 @@ def submit_job(settings: Settings, save: Callable[[Session], Job]) -> Job:
         job = save(session)
         session.flush()
         assert job.id is not None
-        enqueue_job(settings, job.id)
+        enqueue_job(settings, job.id, eta=None if eta is None else eta(session))
     return job
 
 
-def send_message(huey: JobQueue, job_id: int) -> None:
+def send_message(huey: JobQueue, job_id: int, *, eta: datetime | None = None) -> None:
     try:
-        huey.run_job_task(job_id)
+        if eta is None:
+            huey.run_job_task(job_id)
+        else:
+            # Huey compares etas with its own clock, naive UTC (utc=True, its default).
+            huey.run_job_task.schedule(args=(job_id,), eta=eta.astimezone(UTC).replace(tzinfo=None))
     except queue_errors() as exc:
         raise QueueError(f"cannot put job {job_id} on the queue: {first_line(exc)}") from None

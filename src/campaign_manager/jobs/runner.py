@@ -104,10 +104,11 @@ class Interrupt:
 
     signum: int = 0
     armed: bool = False  # the job's handler is running: a signal raises JobInterrupted right where it lands
+    deferred: bool = False  # the handler polls for the signal instead (defer_interrupts)
 
     def handle(self, signum: int, _frame: Any = None) -> None:
         self.signum = self.signum or signum
-        if self.armed:
+        if self.armed and not self.deferred:
             self.armed = False
             raise JobInterrupted(signum)
 
@@ -120,6 +121,18 @@ def current_claim() -> tuple[str, int] | None:
     that commits in parts checks before each commit. None outside attempt_job (a handler called directly)."""
     run: Run | None = getattr(_current, "run", None)
     return None if run is None else (run.worker, run.attempts)
+
+
+def defer_interrupts() -> Callable[[], int]:
+    """For a handler that stops cleanly by itself (a send records the messages in flight, then pauses): from now
+    on a SIGINT or SIGTERM in `--wait` no longer raises where it lands; the function returned says which signal
+    came (0: none), for the handler to poll. Outside a foreground run it always says 0."""
+    interrupt: Interrupt | None = getattr(_current, "interrupt", None)
+    if interrupt is None:
+        return lambda: 0
+    interrupt.armed = False
+    interrupt.deferred = True
+    return lambda: interrupt.signum
 
 
 def current_settings() -> Settings | None:
@@ -156,7 +169,7 @@ def attempt_job(
 
     def _progress(done: int, total: int) -> None:
         run.done, run.total = done, total
-        if interrupt is not None and interrupt.signum:
+        if interrupt is not None and interrupt.signum and not interrupt.deferred:
             raise JobInterrupted(interrupt.signum)
         if run.stop.is_set():
             raise JobReleased
@@ -170,13 +183,13 @@ def attempt_job(
         if on_start is not None:
             on_start(job)
         handler = get_handler(job.kind)
-        _current.run = run
+        _current.run, _current.interrupt = run, interrupt
         if interrupt is not None:
             interrupt.armed = not interrupt.signum
         try:
             counts = handler(url, job_id, _progress)
         finally:
-            _current.run = None
+            _current.run = _current.interrupt = None
             if interrupt is not None:
                 interrupt.armed = False
         values: dict[str, Any] = {"status": JobStatus.DONE, "counts": dict(counts or {}), "error": None}

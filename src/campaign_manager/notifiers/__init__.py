@@ -81,6 +81,7 @@ class Outcome(StrEnum):
     SENT = "sent"
     RETRY = "retry"
     FAILED = "failed"
+    SKIPPED = "skipped"  # the sender's own verdict (the recipient has no phone number); a notifier never returns it
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,10 @@ class Result:
     @classmethod
     def failed(cls, reason: str, *, bounce: bool = False) -> Result:
         return cls(Outcome.FAILED, reason=reason, bounce=bounce)
+
+    @classmethod
+    def skipped(cls, reason: str) -> Result:
+        return cls(Outcome.SKIPPED, reason=reason)
 
 
 class NotifierDown(Exception):

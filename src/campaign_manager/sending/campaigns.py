@@ -1,4 +1,4 @@
-"""Campaigns: what to send and to whom. Sending comes later; a campaign stays a `draft` until then."""
+"""Campaigns: what to send and to whom; a draft is changed or deleted here (sending is `service`'s)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import func, union
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
 from campaign_manager import limits
 from campaign_manager.audience import consent
 from campaign_manager.audience.addresses import normalize_email
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.recipients import get_recipient
-from campaign_manager.errors import InvalidInput, NotFound
+from campaign_manager.errors import Conflict, InvalidInput, NotFound
+from campaign_manager.states import CampaignStatus
 from campaign_manager.tables.audience import Group, GroupMember, Recipient
-from campaign_manager.tables.sending import Campaign, CampaignGroup, CampaignRecipient
+from campaign_manager.tables.base import utcnow
+from campaign_manager.tables.sending import Campaign, CampaignGroup, CampaignRecipient, Delivery
 
 
 def get_campaign(session: Session, ref: str | int) -> Campaign:
@@ -47,6 +49,7 @@ def create_campaign(
         raise InvalidInput("the text body is empty")
     limits.check("the title", title.strip(), limits.TITLE)
     limits.check("the subject", subject.strip(), limits.SUBJECT)
+    _check_bodies(subject.strip(), text, html)
     sender = normalize_email(from_address) if from_address else None
     target_groups = [get_group(session, ref) for ref in groups]
     target_people = [get_recipient(session, ref) for ref in recipients]
@@ -61,6 +64,65 @@ def create_campaign(
         session.add(CampaignRecipient(campaign_id=campaign.id, recipient_id=person.id))
     session.flush()
     return campaign
+
+
+def _check_bodies(subject: str, text: str, html: str | None) -> None:
+    from campaign_manager.sending.render import check_templates  # Jinja2: loaded only by the commands that need it
+
+    check_templates(subject, text, html)
+
+
+def update_campaign(
+    session: Session,
+    ref: str | int,
+    *,
+    title: str | None = None,
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    from_address: str | None = None,
+) -> Campaign:
+    """Change a draft (a campaign that has started sending keeps what it was sent with)."""
+    campaign = get_campaign(session, ref)
+    if campaign.status != CampaignStatus.DRAFT:
+        raise Conflict(f"campaign {campaign.id} is {campaign.status}; only a draft can be changed")
+    if title is not None:
+        if not title.strip():
+            raise InvalidInput("the title is empty")
+        campaign.title = limits.check("the title", title.strip(), limits.TITLE) or campaign.title
+    if subject is not None:
+        if not subject.strip() or "\n" in subject or "\r" in subject:
+            raise InvalidInput("the subject must be one non-empty line")
+        campaign.subject = limits.check("the subject", subject.strip(), limits.SUBJECT) or campaign.subject
+    if text is not None:
+        if not text.strip():
+            raise InvalidInput("the text body is empty")
+        campaign.body_text = text
+    if html is not None:
+        campaign.body_html = html or None
+    if from_address is not None:
+        campaign.from_address = normalize_email(from_address) if from_address else None
+    _check_bodies(campaign.subject, campaign.body_text, campaign.body_html)
+    campaign.updated_at = utcnow()
+    session.add(campaign)
+    session.flush()
+    return campaign
+
+
+def delete_campaign(session: Session, ref: str | int) -> int:
+    """Delete a draft (or a cancelled campaign) with its audience links and ledger."""
+    campaign = get_campaign(session, ref)
+    if campaign.status not in (CampaignStatus.DRAFT, CampaignStatus.CANCELLED):
+        raise Conflict(
+            f"campaign {campaign.id} is {campaign.status}; only a draft or a cancelled campaign can be deleted",
+            hint="`cm campaign cancel` it first" if campaign.status != CampaignStatus.SENT else None,
+        )
+    cid = int(campaign.id or 0)
+    for table in (Delivery, CampaignGroup, CampaignRecipient):
+        session.exec(delete(table).where(col(table.campaign_id) == cid))
+    session.delete(campaign)
+    session.flush()
+    return cid
 
 
 # Campaigns a page of `cm campaign list` describes at once (their counts come a query per page, not per campaign).
