@@ -6,26 +6,28 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench example clean
 
-$(STAMP): pyproject.toml
+# The example plugin is installed as an outsider installs theirs, so its tests go through its entry point.
+$(STAMP): pyproject.toml examples/cm-sms-gateway/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e examples/cm-sms-gateway
 	touch $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench examples
+	$(BIN)/ruff format src tests bench examples
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -36,4 +38,4 @@ example: $(STAMP)
 	$(BIN)/python -m campaign_manager.config campaign.toml.example
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info examples/*/src/*.egg-info .mypy_cache .ruff_cache .hypothesis

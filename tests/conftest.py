@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import bigdb
 from campaign_manager import db
+from gateway_server import GatewayServer
 from queue_helpers import BACKENDS, QueueSetup, queue_setup
 
 POSTGRES_URL = os.environ.get("CM_TEST_POSTGRES_URL")
@@ -242,3 +243,13 @@ def small_segments(monkeypatch: pytest.MonkeyPatch, rows: int, *, batch_rows: in
     for dialect in import_sql.SEGMENT_ROWS:
         monkeypatch.setitem(import_sql.SEGMENT_ROWS, dialect, rows)
     monkeypatch.setattr(imports, "BATCH_ROWS", batch_rows or rows)
+
+
+@pytest.fixture
+def gateway_server() -> Iterator[GatewayServer]:
+    """A real HTTP server on 127.0.0.1 standing in for a third-party gateway (tests/gateway_server.py)."""
+    server = GatewayServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import FrozenInstanceError, dataclass
@@ -177,13 +178,13 @@ def test_notifiers_must_be_tables(cm_bare: Cm, tmp_path: Path, text: str, messag
 
 
 def test_the_table_of_a_notifier_not_installed_is_a_warning(cm_bare: Cm, tmp_path: Path) -> None:
-    path = _write(tmp_path / "campaign.toml", '[notifiers.sms]\napi_key = "k"\n\n[notifiers.outbox]\npath = "o"\n')
+    path = _write(tmp_path / "campaign.toml", '[notifiers.fax]\napi_key = "k"\n\n[notifiers.outbox]\npath = "o"\n')
     run = cm_bare("group create news")
     [line] = run.stderr.strip().splitlines()
-    assert "WARNING" in line and f"{path}: [notifiers.sms] is ignored: no notifier 'sms' is installed" in line
+    assert "WARNING" in line and f"{path}: [notifiers.fax] is ignored: no notifier 'fax' is installed" in line
     assert cm_bare("-q group list --json").stderr == ""  # a warning, which -q silences
     shown = _show(cm_bare)
-    assert not [name for name in shown if name.startswith("notifiers.sms")]
+    assert not [name for name in shown if name.startswith("notifiers.fax")]
     assert shown["notifiers.outbox.path"]["value"] == str(tmp_path / "o")
 
 
@@ -202,7 +203,7 @@ def test_a_notifier_that_failed_to_load_is_named_in_the_warning(
     [
         ('[notifiers.outbox]\npth = "x"\n', 7, "error: unknown key 'notifiers.outbox.pth' in {path}"),
         ("[notifiers.outbox]\npath = 3\n", 7, "error: notifiers.outbox.path from file {path} must be a path"),
-        ('[notifiers.sms]\nkey = "x"\n', 0, "{path}: [notifiers.sms] is ignored: no notifier 'sms' is installed"),
+        ('[notifiers.fax]\nkey = "x"\n', 0, "{path}: [notifiers.fax] is ignored: no notifier 'fax' is installed"),
         ('[notifiers.outbox]\npath = "out"\n', 0, ""),
     ],
 )
@@ -259,25 +260,28 @@ def test_a_world_readable_file_holding_a_declared_secret_gets_a_warning(
 def test_the_readme_plugin_example_declares_its_keys_as_documented(
     cm_bare: Cm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The README shows the example plugin's module (examples/cm-sms-gateway), which `make` installs: the block
+    # runs on its own, is the installed plugin's code, and that plugin's keys behave as the README says.
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Notifier plugins\n", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    module = types.ModuleType("readme_webhook")  # a module of its own, as a plugin is
+    module = types.ModuleType("readme_sms")  # a module of its own, as a plugin is
     monkeypatch.setitem(sys.modules, module.__name__, module)
     exec(compile(code, "README.md", "exec", dont_inherit=True), module.__dict__)
-    webhook = module.WebhookNotifier
-    notifiers.register("webhook", webhook)
-    try:
-        assert isinstance(webhook(webhook.config_class()), notifiers.Notifier)
-        _write(tmp_path / "campaign.toml", '[notifiers.webhook]\nurl = "https://hooks.example"\ntoken = "t0ken"\n')
-        shown = _show(cm_bare)
-        assert shown["notifiers.webhook.url"]["value"] == "https://hooks.example"
-        assert shown["notifiers.webhook.token"]["value"] == config.MASKED
-        assert shown["notifiers.webhook.timeout"] == {"value": 10.0, "source": "default"}
-        _write(tmp_path / "campaign.toml", "[notifiers.webhook]\ntimeout = 'soon'\n")
-        assert_error(cm_bare("group list", ok=False), 7, "notifiers.webhook.timeout")
-    finally:
-        notifiers.unregister("webhook")
+    sms = module.SmsNotifier
+    assert isinstance(sms(sms.config_class(url="https://sms.example")), notifiers.Notifier)
+    assert notifiers.needs(sms) == notifiers.Need.PHONE
+    assert [k.name for k in keys.declared(sms.config_class)] == ["url", "api_key", "sender_id", "timeout"]
+    source = ROOT / "examples" / "cm-sms-gateway" / "src" / "cm_sms_gateway" / "__init__.py"
+    assert code in source.read_text(encoding="utf-8"), "the README's plugin example must be cm_sms_gateway's code"
+    assert notifiers.load_notifiers()["sms"].__module__ == "cm_sms_gateway"  # installed: its keys are read below
+    _write(tmp_path / "campaign.toml", '[notifiers.sms]\nurl = "https://sms.example"\napi_key = "k3y"\n')
+    shown = _show(cm_bare)
+    assert shown["notifiers.sms.url"]["value"] == "https://sms.example"
+    assert shown["notifiers.sms.api_key"]["value"] == config.MASKED
+    assert shown["notifiers.sms.timeout"] == {"value": 10.0, "source": "default"}
+    _write(tmp_path / "campaign.toml", "[notifiers.sms]\ntimeout = 'soon'\n")
+    assert_error(cm_bare("group list", ok=False), 7, "notifiers.sms.timeout")
 
 
 # --- the example file, generated
@@ -286,7 +290,10 @@ def test_the_readme_plugin_example_declares_its_keys_as_documented(
 def test_the_example_documents_the_builtin_notifiers_only(probe: None) -> None:
     example = config.render_example()
     builtins = notifiers.builtin_notifiers()
-    assert set(builtins) == {"outbox"}  # found through cm's own entry points
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        declared_here = tomllib.load(file)["project"]["entry-points"][notifiers.ENTRY_POINT_GROUP]
+    assert set(builtins) == set(declared_here) >= {"outbox", "webhook"}  # found through cm's own entry points
+    assert "sms" not in builtins  # installed (examples/cm-sms-gateway), but not cm's: not in cm's example file
     for name, cls in builtins.items():
         assert f"\n# [notifiers.{name}]\n" in example
         for k in keys.declared(notifiers.config_class(cls)):

@@ -26,7 +26,8 @@ as they come. The email notifier does, so that a crash can lose at most the resu
 
 Plugins are found through the entry-point group `campaign_manager.notifiers`; the built-ins are declared in cm's own
 pyproject under the same group, so they load exactly like third-party ones. Loading is lazy and happens once per
-process; a plugin that fails to import is reported (`cm plugins`) and skipped.
+process; a plugin that fails to import, or that breaks the contract (no `send_batch` nor `stream`, an unknown
+`needs`, a `config_class` whose fields are not keys), is reported (`cm plugins`) and skipped.
 
 A notifier's settings are its table in campaign.toml, `[notifiers.NAME]`. It declares the keys it takes in a typed
 class, its `config_class` (a NamedTuple or a frozen dataclass), one field a key, annotated with `key()` (its help,
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
+from campaign_manager.keys import declared
 from campaign_manager.keys import key as key  # for plugins: `from campaign_manager.notifiers import key`
 
 ENTRY_POINT_GROUP = "campaign_manager.notifiers"
@@ -181,11 +183,26 @@ def load_notifiers() -> dict[str, type[Notifier]]:
                     if ep.dist.name == DISTRIBUTION:
                         _builtin.add(ep.name)
                 try:
-                    found[ep.name] = ep.load()
-                except Exception as exc:
+                    found[ep.name] = _check(ep.load())
+                except Exception as exc:  # whatever a plugin's import raises, `cm` goes on without it
                     _errors[ep.name] = f"{type(exc).__name__}: {exc}"
             _loaded = found
         return dict(_loaded)
+
+
+def _check(obj: Any) -> type[Notifier]:
+    """`obj` if cm can use it as a notifier, else TypeError saying why: a plugin that loads but breaks the contract
+    is reported as failed by `cm plugins` at once, rather than breaking the commands that read its table."""
+    if not isinstance(obj, type):
+        raise TypeError(f"{obj!r} is not a class")
+    if not callable(getattr(obj, "send_batch", None)) and not callable(getattr(obj, "stream", None)):
+        raise TypeError(f"{obj.__qualname__} has neither send_batch nor stream")
+    declared_needs = getattr(obj, "needs", Need.EMAIL)
+    if declared_needs not in tuple(Need):
+        raise TypeError(f"{obj.__qualname__}.needs must be one of {', '.join(Need)}, not {declared_needs!r}")
+    declared(config_class(obj))  # a TypeError naming the field that is not a key
+    checked: type[Notifier] = obj
+    return checked
 
 
 def builtin_notifiers() -> dict[str, type[Notifier]]:
