@@ -191,6 +191,7 @@ KEY_VALUES: dict[str, Any] = {
     "send.notifier": "outbox",
     "send.from": "News <news@example.org>",
     "send.max_attempts": 3,
+    "send.retry_delay": 5.0,
     "send.max_delay": 600.0,
     "send.max_outage": 60.0,
     "send.record_batch": 10,

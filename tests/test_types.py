@@ -22,10 +22,11 @@ Cm = Callable[..., Run]
 
 # Every state and outcome, as the strings the database, logs and --json held before they were enums.
 SPELLINGS: list[tuple[type[StrEnum], list[str]]] = [
-    (states.RecipientStatus, ["active", "opted_out"]),
+    (states.RecipientStatus, ["active", "opted_out", "bounced"]),
     (states.JobStatus, ["queued", "running", "done", "failed", "cancelled"]),
-    (states.ConsentAction, ["opt_out", "opt_in", "forget"]),
-    (states.CampaignStatus, ["draft"]),
+    (states.ConsentAction, ["opt_out", "opt_in", "forget", "bounce", "clear_bounce"]),
+    (states.CampaignStatus, ["draft", "scheduled", "sending", "paused", "sent", "cancelled"]),
+    (states.DeliveryStatus, ["pending", "sent", "failed", "skipped"]),
     (runner.Outcome, ["done", "failed", "retry", "skipped", "released", "lost", "fault", "cancelled"]),
     (tasks.TaskOutcome, ["error"]),
     (members.MemberOutcome, ["created", "added", "already_member", "invalid", "suppressed", "duplicate"]),
@@ -110,7 +111,9 @@ def test_config_show_draws_its_table_and_its_json_from_one_model(cm_bare: Cm, tm
         for line in lines[1:]
     }
     as_text = {
-        key: {"value": str(shown["value"]), "source": shown["source"]} for key, shown in model["settings"].items()
+        # a key not set (None) shows as an empty cell
+        key: {"value": "" if shown["value"] is None else str(shown["value"]), "source": shown["source"]}
+        for key, shown in model["settings"].items()
     }
     assert rows == as_text
     assert list(rows)[: len(config.KEYS)] == list(config.KEYS)  # cm's own keys, then the notifiers'

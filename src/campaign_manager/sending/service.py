@@ -136,7 +136,8 @@ def queue_send(
     if status != CampaignStatus.DRAFT and not new:
         what = "was sent" if status == CampaignStatus.SENT else f"is already {status}"
         return Queued(None, f"campaign {cid} {what}; nothing new to send (`--new` adds people not yet in its ledger)")
-    name, _cls = resolve_notifier(settings, notifier or campaign.notifier)
+    name, cls = resolve_notifier(settings, notifier or campaign.notifier)
+    cls(settings.notifiers[name])  # its settings are checked now (a missing url, say: exit 7), not in the worker
     check_campaign(settings, campaign)
     now = utcnow()
     if status == CampaignStatus.DRAFT:
