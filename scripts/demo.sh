@@ -35,8 +35,14 @@ step group add-recipients newsletter \
 step recipient opt-out alan@example.com --reason "asked by phone"
 step recipient active
 step group show newsletter
-printf 'Hello!\n\nThis is our monthly news.\n' >may.txt
-step campaign create --title "May news" --subject "What's new in May" --text-file may.txt \
+cat >may.txt <<'TXT'
+Hello {{ name or "friend" }}!
+
+This is our monthly news{% if City is defined %}, with a word for everyone in {{ City }}{% endif %}.
+
+Unsubscribe: {{ unsubscribe_url }}
+TXT
+step campaign create --title "May news" --subject "What's new in May, {{ name or 'friend' }}" --text-file may.txt \
     --group newsletter --recipient alan@example.com
 step campaign show 1
 # An opted-out address stays out, whatever is tried, until an explicit opt-in.
@@ -58,3 +64,23 @@ step worker --drain
 step jobs show 1
 step jobs show 1 --rejects
 step group show newsletter
+
+# Sending: the messages go to a folder (the outbox notifier), named explicitly: cm has no default notifier.
+cat >campaign.toml <<'TOML'
+[send]
+from = "News <news@example.com>"
+
+[unsubscribe]
+mailto = "unsubscribe@example.com"
+
+[notifiers.outbox]
+path = "outbox"
+TOML
+step campaign preview 1 --recipient katherine@example.com
+step campaign send 1 --notifier outbox
+step worker --drain
+step campaign stats 1
+step campaign deliveries 1
+step campaign send 1
+printf '\n%s$ ls outbox%s\n' "$bold" "$plain"
+ls outbox

@@ -200,6 +200,8 @@ def _show_stats(ctx: typer.Context, ref: Any, *, as_json: bool) -> None:
 def _render_stats(data: dict[str, Any]) -> None:
     reasons = data.pop("top_reasons")
     print_record(data)
+    if reasons:
+        typer.echo("top reasons:")
     for item in reasons:
         typer.echo(f"  {item['count']:>8,}  {item['status']}: {item['reason']}")
     total = data["total"]

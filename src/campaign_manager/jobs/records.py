@@ -27,7 +27,7 @@ Handler = Callable[[str, int, Progress], dict[str, Any]]
 # kind -> "module:function", imported on first use so that `cm` starts without loading every handler.
 HANDLERS: dict[str, str] = {
     "import": "campaign_manager.imports.service:run_import_job",
-    "send": "campaign_manager.sending.service:run_send_job",
+    "send": "campaign_manager.sending.job:run_send_job",
 }
 
 

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from campaign_manager.audience import consent
 from campaign_manager.audience.addresses import parse_address
 from campaign_manager.audience.recipients import get_recipient
-from campaign_manager.errors import ConsentError
+from campaign_manager.errors import ConsentError, InvalidInput
 from campaign_manager.notifiers import Message, NotifierDown, Result, needs
 from campaign_manager.sending import ledger
 from campaign_manager.sending.campaigns import audience_query, get_campaign
@@ -67,7 +67,17 @@ def preview(session: Session, settings: Settings, ref: str | int, *, recipient: 
     campaign = get_campaign(session, ref)
     check_campaign(settings, campaign)
     sample = _sample(session, int(campaign.id or 0), recipient)
-    return _renderer(session, settings, campaign, Need.EMAIL, test=True).render(sample)
+    return _render(_renderer(session, settings, campaign, Need.EMAIL, test=True), sample)
+
+
+def _render(renderer: Renderer, sample: Target) -> Message:
+    """The sample's message, or a one-line error saying why it cannot be rendered (an undefined variable ...)."""
+    from campaign_manager.sending.render import RenderError
+
+    try:
+        return renderer.render(sample)
+    except RenderError as exc:
+        raise InvalidInput(f"cannot render the campaign for this recipient: {exc.reason}") from None
 
 
 def send_test(
@@ -91,7 +101,7 @@ def send_test(
             f"{address.email} may not be mailed ({consent.skip_reason(None if held is None else held.status)})"
         )
     sample = _sample(session, int(campaign.id or 0), recipient, to=address.email)
-    message = _renderer(session, settings, campaign, needs(cls), test=True).render(sample)
+    message = _render(_renderer(session, settings, campaign, needs(cls), test=True), sample)
     return name, asyncio.run(_send_one(cls(settings.notifiers[name]), message))
 
 
