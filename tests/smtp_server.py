@@ -193,7 +193,7 @@ class SmtpServer:
         password = data.password.decode() if isinstance(data.password, bytes) else str(data.password)
         with self._lock:
             self.auth_attempts.append((login, password))
-        return AuthResult(success=password == self.password)
+        return AuthResult(success=password == self.password, handled=False)  # aiosmtpd replies 535 on failure
 
 
 class _Controller(Controller):

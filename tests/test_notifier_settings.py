@@ -286,7 +286,7 @@ def test_the_readme_plugin_example_declares_its_keys_as_documented(
 def test_the_example_documents_the_builtin_notifiers_only(probe: None) -> None:
     example = config.render_example()
     builtins = notifiers.builtin_notifiers()
-    assert set(builtins) == {"outbox"}  # found through cm's own entry points
+    assert set(builtins) == {"email", "outbox"}  # found through cm's own entry points
     for name, cls in builtins.items():
         assert f"\n# [notifiers.{name}]\n" in example
         for k in keys.declared(notifiers.config_class(cls)):

@@ -38,8 +38,7 @@ class EmailSettings(NamedTuple):
     tls: Annotated[
         str,
         key(
-            '"starttls" (required: nothing is sent to a server without it), "implicit" (TLS from the start, port'
-            ' 465) or "none"',
+            '"starttls" (required: nothing is sent to a server without it), "implicit" (port 465) or "none"',
             env="CM_NOTIFIERS_EMAIL_TLS",
         ),
     ] = "starttls"

@@ -1,12 +1,11 @@
 """One SMTP connection of the email notifier, with ESMTP PIPELINING (RFC 2920).
 
-aiosmtplib opens the connection (TLS, EHLO, STARTTLS, AUTH); then `Session` hands its transport to `Wire`, a small
-protocol of our own (`transport.set_protocol`), because aiosmtplib's parses only the first reply of each chunk and
-drops what arrives while no command is pending: pipelined replies are lost when a server answers them in separate
-segments (aiosmtpd does) and merged when it sends them in one (smtp-sink does). `Wire` parses every reply however
-the bytes are cut. When the server offers PIPELINING, a message costs one round trip: MAIL, RCPT and DATA go out in
-one write and their replies are read together; the data goes out with the next message's MAIL, RCPT and DATA behind
-it. Without PIPELINING the same commands go one at a time. Every reply is checked.
+aiosmtplib opens the connection (TLS, EHLO, STARTTLS, AUTH); then `Session` hands its transport to `Wire`
+(smtp_wire), a small protocol of our own (`transport.set_protocol`) that parses every reply however the bytes are
+cut, which aiosmtplib's does not do for pipelined replies; `Session` says QUIT itself. When the server offers
+PIPELINING, a message costs one round trip: MAIL, RCPT and DATA go out in one write and their replies are read
+together; the data goes out with the next message's MAIL, RCPT and DATA behind it. Without PIPELINING the same
+commands go one at a time. Every reply is checked.
 
 What a reply means (one recipient per transaction): 4xx to RCPT (552 too, as RFC 5321 says) or to the data is a
 `retry`; 5xx a `failed`, a bounce when its enhanced status is 5.1.x. A reply to MAIL other than 2xx, a 421
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -26,9 +24,9 @@ from typing import NamedTuple, Protocol
 import aiosmtplib
 
 from campaign_manager.notifiers import Message, Result
+from campaign_manager.notifiers.smtp_wire import Down, Reply, Wire, stuff
 
 Emit = Callable[[Message, Result], None]  # reports one message's result
-MAX_REPLY = 64 * 1024  # bytes of one reply (or of a line without its end) before the server counts as broken
 _QUEUE_ID = re.compile(r"queued as (\S+)|\bid=(\S+)", re.IGNORECASE)
 _BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 
@@ -47,17 +45,6 @@ class Server(NamedTuple):
     helo: str | None
 
 
-class Down(Exception):
-    """The connection failed (see the module's doc). `carry`: the messages it had taken and not attempted, to be
-    sent on another connection; `stale`: it was found closed before any command (an idle timeout)."""
-
-    def __init__(self, reason: str, *, stale: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.stale = stale
-        self.carry: list[Message] = []
-
-
 class Messages(Protocol):
     """Where a session takes its messages from (smtp_pool.Source, shared by the connections)."""
 
@@ -66,27 +53,6 @@ class Messages(Protocol):
 
     async def get(self) -> Message | None:
         """The next message, waiting for it; None when there are no more."""
-
-
-class Reply(NamedTuple):
-    code: int
-    text: str
-
-    def line(self) -> str:
-        """One line for a reason: code and text (a multi-line reply's lines joined)."""
-        return f"{self.code} {self.text}".strip()[:500]
-
-
-def stuff(data: bytes, tail: bytes = b"") -> bytes:
-    """`data` (CRLF line ends, as Message.data) as DATA sends it: a dot doubled at the start of every line, the
-    terminating CRLF.CRLF, then `tail` (the next commands), in one copy: `replace` returns `data` itself when no
-    line starts with a dot."""
-    body = data.replace(b"\n.", b"\n..")
-    parts = [b".", body] if body[:1] == b"." else [body]
-    if body and not body.endswith(b"\r\n"):
-        parts.append(b"\r\n")
-    parts.append(b".\r\n" + tail)
-    return b"".join(parts)
 
 
 def provider_id(reply: Reply, message: Message) -> str:
@@ -113,104 +79,6 @@ def _check(reply: Reply, command: str, ok: int = 2) -> None:
 
 def _ok(reply: Reply, ok: int) -> bool:
     return reply.code // 100 == ok if ok < 10 else reply.code == ok
-
-
-class Wire(asyncio.Protocol):
-    """Our side of a connection once aiosmtplib has opened it: writes commands, parses every reply into a queue,
-    whatever chunks they arrive in (several replies in one, one reply over several), and wakes the reader when
-    the replies it waits for are all there."""
-
-    def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
-        self.transport = transport
-        self.timeout = timeout
-        self.replies: deque[Reply] = deque()
-        self.closed: str | None = None  # why the connection ended
-        self._loop = asyncio.get_running_loop()
-        self._rest = b""  # an incomplete line
-        self._lines: list[bytes] = []  # the continuation lines of a reply not yet complete
-        self._want = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused: asyncio.Future[None] | None = None
-        transport.set_protocol(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self._rest:
-            data = self._rest + data
-        start, lines = 0, self._lines
-        while (end := data.find(b"\n", start)) >= 0:
-            line = data[start:end].rstrip(b"\r")
-            start = end + 1
-            code = line[:3]
-            if not code.isdigit() or len(code) < 3 or line[3:4] not in (b"", b" ", b"-"):
-                self._lose(f"malformed reply {line[:80]!r}")
-                return
-            if line[3:4] == b"-":
-                lines.append(line[4:])
-                continue
-            text = b" ".join((*lines, line[4:])) if lines else line[4:]
-            lines.clear()
-            self.replies.append(Reply(int(code), text.decode("utf-8", "replace").strip()))
-        self._rest = data[start:]
-        if len(self._rest) + sum(map(len, lines)) > MAX_REPLY:
-            self._lose("a reply longer than 64 KB")
-            return
-        waiter = self._waiter
-        if waiter is not None and len(self.replies) >= self._want and not waiter.done():
-            waiter.set_result(None)
-
-    def eof_received(self) -> bool:
-        return False  # close our end too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.closed is None:
-            self.closed = f"connection lost ({exc})" if exc else "connection closed by the server"
-            # A server that says 421 and closes leaves pipelined commands unanswered: the 421 is the reason.
-            self.closed = next((r.line() for r in self.replies if r.code == 421), self.closed)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(Down(self.closed))
-        self.resume_writing()  # a writer waiting to drain goes on, and finds the connection closed
-
-    def pause_writing(self) -> None:
-        self._paused = self._loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self._paused is not None and not self._paused.done():
-            self._paused.set_result(None)
-        self._paused = None
-
-    def _lose(self, reason: str) -> None:
-        self.closed = reason
-        self.transport.abort()
-
-    def write(self, data: bytes) -> None:
-        if self.closed is not None:
-            raise Down(self.closed)
-        self.transport.write(data)
-
-    async def drain(self) -> None:
-        """Waits while the transport's buffer is full (a large message to a slow server)."""
-        if self._paused is not None:
-            await self._paused
-
-    async def read(self, count: int) -> list[Reply]:
-        """The next `count` replies; Down when the connection ends or they take longer than the timeout."""
-        if len(self.replies) < count:
-            if self.closed is not None:
-                raise Down(self.closed)
-            self._want = count
-            waiter = self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(self.timeout, self._time_out, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-        pop = self.replies.popleft
-        return [pop() for _ in range(count)]
-
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_exception(Down(f"no reply within {self.timeout:g} s"))
 
 
 class Session:

@@ -17,7 +17,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from typing import Any, NamedTuple
 
 from campaign_manager.notifiers import Message, NotifierDown, Result
-from campaign_manager.notifiers.smtp import Down, Emit, Server, Session
+from campaign_manager.notifiers.smtp import Emit, Server, Session
+from campaign_manager.notifiers.smtp_wire import Down
 
 Item = tuple[Message, Result]
 
