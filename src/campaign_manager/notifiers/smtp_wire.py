@@ -9,12 +9,17 @@ merged when it sends them in one (smtp-sink does). `Wire` takes them however the
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from typing import NamedTuple
 
 from campaign_manager.notifiers import Message
 
 MAX_REPLY = 64 * 1024  # bytes of one reply (or of a line without its end) before the server counts as broken
+# A reply line: three digits, then a space and text (the last line of a reply), a hyphen and text (more lines
+# follow), or the line's end; CRLF or a bare LF.
+_new_reply = tuple.__new__  # builds a Reply without NamedTuple's Python-level __new__ (this runs per reply)
+_LINE = re.compile(rb"^([0-9]{3})(?:([ -])([^\r\n]*))?\r?\n", re.MULTILINE)
 
 
 class Down(Exception):
@@ -65,27 +70,38 @@ class Wire(asyncio.Protocol):
         self._want = 0
         self._waiter: asyncio.Future[None] | None = None
         self._paused: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._watch: asyncio.TimerHandle | None = None
         transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:
         if self._rest:
             data = self._rest + data
-        start, lines = 0, self._lines
-        while (end := data.find(b"\n", start)) >= 0:
-            line = data[start:end].rstrip(b"\r")
-            start = end + 1
-            code = line[:3]
-            if not code.isdigit() or len(code) < 3 or line[3:4] not in (b"", b" ", b"-"):
-                self._lose(f"malformed reply {line[:80]!r}")
+        end = data.rfind(b"\n") + 1
+        lines = self._lines
+        if end:
+            found, bad = _LINE.findall(data, 0, end), None
+            if len(found) != data.count(b"\n", 0, end):  # a line that is not a reply line: up to it, one by one
+                found, pos = [], 0
+                while match := _LINE.match(data, pos, end):
+                    found.append(match.groups(b""))
+                    pos = match.end()
+                bad = data[pos : data.find(b"\n", pos)]
+            append = self.replies.append
+            for code, more, text in found:
+                if more == b"-":
+                    lines.append(text)
+                    continue
+                if lines:
+                    text = b" ".join((*lines, text))
+                    lines.clear()
+                append(_new_reply(Reply, (int(code), text.decode("utf-8", "replace").strip())))
+            if bad is not None:
+                self._lose(f"malformed reply {bad[:80]!r}")
                 return
-            if line[3:4] == b"-":
-                lines.append(line[4:])
-                continue
-            text = b" ".join((*lines, line[4:])) if lines else line[4:]
-            lines.clear()
-            self.replies.append(Reply(int(code), text.decode("utf-8", "replace").strip()))
-        self._rest = data[start:]
-        if len(self._rest) + sum(map(len, lines)) > MAX_REPLY:
+            data = data[end:]
+        self._rest = data
+        if len(data) + sum(map(len, lines)) > MAX_REPLY:
             self._lose("a reply longer than 64 KB")
             return
         waiter = self._waiter
@@ -102,6 +118,8 @@ class Wire(asyncio.Protocol):
             self.closed = next((r.line() for r in self.replies if r.code == 421), self.closed)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(Down(self.closed))
+        if self._watch is not None:
+            self._watch.cancel()
         self.resume_writing()  # a writer waiting to drain goes on, and finds the connection closed
 
     def pause_writing(self) -> None:
@@ -133,15 +151,22 @@ class Wire(asyncio.Protocol):
                 raise Down(self.closed)
             self._want = count
             waiter = self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(self.timeout, self._time_out, waiter)
+            # One timer a connection, moved on lazily, rather than one set and cancelled for every read.
+            self._deadline = self._loop.time() + self.timeout
+            if self._watch is None:
+                self._watch = self._loop.call_at(self._deadline, self._check_time)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         pop = self.replies.popleft
         return [pop() for _ in range(count)]
 
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def _check_time(self) -> None:
+        self._watch, waiter = None, self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._loop.time() < self._deadline:
+            self._watch = self._loop.call_at(self._deadline, self._check_time)
+        else:
             waiter.set_exception(Down(f"no reply within {self.timeout:g} s"))
