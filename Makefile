@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# postfix's smtp-sink, fetched once into .cache (scripts/smtp-sink.sh): the email notifier's tests and bench use it.
+SINK := .cache/postfix/usr/sbin/smtp-sink
 
 .PHONY: demo test lint format bench example clean
 
@@ -22,14 +24,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
-test: lint
+$(SINK):
+	bash scripts/smtp-sink.sh fetch
+
+test: lint $(SINK)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench examples
 	$(BIN)/ruff format src tests bench examples
 
-bench: $(STAMP)
+bench: $(STAMP) $(SINK)
 	$(BIN)/python -m bench
 
 # campaign.toml.example is generated from the settings' declarations (cm's and the built-in notifiers'); a test

@@ -1,11 +1,12 @@
-"""`python -m bench` (`make bench`): cm's start-up, import and listing speed, each figure beside a floor measured in
-the same run, as absolute numbers and ratios, then every target as PASS or MISS. Targets are reported, never enforced:
-the exit code is 0 unless the options are wrong.
+"""`python -m bench` (`make bench`): cm's start-up, import, listing and sending speed, each figure beside a floor
+measured in the same run, as absolute numbers and ratios, then every target as PASS or MISS. Targets are reported,
+never enforced: the exit code is 0 unless the options are wrong.
 
 Examples:
   python -m bench                      # everything: start-up, imports (--wait, queued), listing 1,000,000 recipients
   python -m bench --only listing       # `cm recipient list --json` over 1,000,000 recipients, SQLite and PostgreSQL
   python -m bench --only startup       # just start-up
+  python -m bench --only send          # 100,000 messages through the email notifier to smtp-sink
   python -m bench --quick              # small sizes, a smoke run of every benchmark in well under a minute
   python -m bench --only sqlite --rows 200000
 """
@@ -20,12 +21,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import imports, listing, proc, startup
+from bench import imports, listing, proc, send, startup
 from bench.gen import Dataset, ensure_dataset
 from bench.imports import Bench
 from bench.report import Report
 
-BENCHMARKS = ("startup", "wait", "sqlite", "postgres", "listing")
+BENCHMARKS = ("startup", "wait", "sqlite", "postgres", "listing", "send")
 ALIASES = {"import": ("wait", "sqlite", "postgres"), "all": BENCHMARKS}
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -37,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     wait_rows = args.rows or (10_000 if args.quick else 100_000)
     runs = args.runs or (7 if args.quick else 21)
     listing_rows = args.rows or (50_000 if args.quick else 1_000_000)
+    send_messages = args.rows or (5_000 if args.quick else 100_000)
 
     report = Report()
     _print_header(
-        selected, queued_rows=queued_rows, wait_rows=wait_rows, listing_rows=listing_rows, runs=runs, quick=args.quick
+        selected,
+        queued_rows=queued_rows,
+        wait_rows=wait_rows,
+        listing_rows=listing_rows,
+        send_messages=send_messages,
+        runs=runs,
+        quick=args.quick,
     )
     datasets: dict[int, Dataset] = {}
 
@@ -58,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             "sqlite": lambda: imports.bench_queued_sqlite(bench, dataset(queued_rows)),
             "postgres": lambda: imports.bench_queued_postgres(bench, dataset(queued_rows), server_url=args.postgres),
             "listing": lambda: listing.bench_listing(bench, rows=listing_rows, server_url=args.postgres),
+            "send": lambda: send.bench_send(
+                report, messages=send_messages, rounds=args.send_rounds, connections=args.connections
+            ),
         }
         for name in BENCHMARKS:
             if name in selected:
@@ -85,11 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rows",
         type=int,
-        help="rows for every import benchmark and recipients for the listing "
-        "(default 1,000,000; 100,000 for the --wait import)",
+        help="rows for every import benchmark, recipients for the listing and messages for send "
+        "(default 1,000,000; 100,000 for the --wait import and send)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and fewer runs, for a smoke run")
     parser.add_argument("--runs", type=int, help="start-up runs per command (default 21, 7 with --quick)")
+    parser.add_argument("--send-rounds", type=int, default=3, help="interleaved rounds of the send benchmark (3)")
+    parser.add_argument("--connections", type=int, default=8, help="SMTP connections of the send benchmark (8)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated CSV files (default 42)")
     parser.add_argument(
         "--postgres",
@@ -117,7 +130,14 @@ def _select(only: list[str] | None) -> set[str]:
 
 
 def _print_header(
-    selected: set[str], *, queued_rows: int, wait_rows: int, listing_rows: int, runs: int, quick: bool
+    selected: set[str],
+    *,
+    queued_rows: int,
+    wait_rows: int,
+    listing_rows: int,
+    send_messages: int,
+    runs: int,
+    quick: bool,
 ) -> None:
     print(f"cm benchmarks{' (--quick)' if quick else ''}: {', '.join(b for b in BENCHMARKS if b in selected)}")
     print(f"   python {platform.python_version()} at {sys.executable}; cm at {proc.cm()}")
@@ -126,6 +146,7 @@ def _print_header(
     sizes += [f"--wait import {wait_rows:,} rows"] if "wait" in selected else []
     sizes += [f"queued imports {queued_rows:,} rows"] if selected & {"sqlite", "postgres"} else []
     sizes += [f"listing {listing_rows:,} recipients"] if "listing" in selected else []
+    sizes += [f"send {send_messages:,} messages"] if "send" in selected else []
     print(f"   sizes: {', '.join(sizes)}")
     print("   ratio = figure / baseline; the baselines are measured in this same run, next to the figure")
     busy = _busy()

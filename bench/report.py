@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Unit = Literal["ms", "rows/s", "MB", "s", "x", "M instr"]  # x: a ratio to a floor; M instr: millions of instructions
+# x: a ratio to a floor; M instr: millions of instructions
+Unit = Literal["ms", "rows/s", "msg/s", "MB", "s", "x", "M instr"]
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class Report:
 
 
 def fmt(value: float, unit: Unit) -> str:
-    if unit == "rows/s":
-        return f"{value:,.0f} rows/s"
+    if unit in ("rows/s", "msg/s"):
+        return f"{value:,.0f} {unit}"
     if unit == "ms":
         return f"{value:.1f} ms"
     if unit == "s":

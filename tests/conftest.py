@@ -1,5 +1,7 @@
 """Shared fixtures: a real SQLite file per test, a real PostgreSQL database per test (created and dropped here)
-when CM_TEST_POSTGRES_URL is set, and `cm`, which runs the real CLI through Typer's CliRunner.
+when CM_TEST_POSTGRES_URL is set, `cm`, which runs the real CLI through Typer's CliRunner, and real SMTP servers
+(`smtp_server`, aiosmtpd recording messages and injecting faults: tests/smtp_server.py; `smtp_sink_factory`,
+postfix's smtp-sink: tests/smtp_sink.py).
 
 The databases of `sqlite_url`, `postgres_url` and `db_url` are created and migrated here, as `cm db upgrade`
 would: cm creates a database it is given by name only through that command. `new_db_url` is one cm has not
@@ -25,6 +27,8 @@ import bigdb
 from campaign_manager import db
 from gateway_server import GatewayServer
 from queue_helpers import BACKENDS, QueueSetup, queue_setup
+from smtp_server import smtp_server, smtp_server_factory, tls_certificate  # noqa: F401  (fixtures: see the module)
+from smtp_sink import smtp_sink_factory  # noqa: F401  (fixture: see the module)
 
 POSTGRES_URL = os.environ.get("CM_TEST_POSTGRES_URL")
 

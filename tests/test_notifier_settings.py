@@ -292,7 +292,7 @@ def test_the_example_documents_the_builtin_notifiers_only(probe: None) -> None:
     builtins = notifiers.builtin_notifiers()
     with (ROOT / "pyproject.toml").open("rb") as file:
         declared_here = tomllib.load(file)["project"]["entry-points"][notifiers.ENTRY_POINT_GROUP]
-    assert set(builtins) == set(declared_here) >= {"outbox", "webhook"}  # found through cm's own entry points
+    assert set(builtins) == set(declared_here) >= {"email", "outbox", "webhook"}  # found through cm's own entry points
     assert "sms" not in builtins  # installed (examples/cm-sms-gateway), but not cm's: not in cm's example file
     for name, cls in builtins.items():
         assert f"\n# [notifiers.{name}]\n" in example
