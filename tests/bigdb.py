@@ -78,8 +78,8 @@ def _statements(dialect: str, rows: int) -> list[str]:
         f"INSERT INTO group_member (group_id, recipient_id, added_at) SELECT 1, id, {now} FROM recipient",
         f"INSERT INTO group_member (group_id, recipient_id, added_at)"
         f" SELECT 2, id, {now} FROM recipient WHERE id % {VIP_EVERY} = 1",
-        f"INSERT INTO campaign (id, title, subject, body_text, status, created_at, updated_at)"
-        f" VALUES (1, '{CAMPAIGN_TITLE}', 'Hello', 'Hi all', 'draft', {now}, {now})",
+        "INSERT INTO campaign (id, title, subject, body_text, status, created_at, updated_at, ledger_through,"
+        f" ledger_done) VALUES (1, '{CAMPAIGN_TITLE}', 'Hello', 'Hi all', 'draft', {now}, {now}, 0, false)",
         "INSERT INTO campaign_group (campaign_id, group_id) VALUES (1, 1)",
         "INSERT INTO campaign_recipient (campaign_id, recipient_id) SELECT 1, id FROM recipient",
         f"INSERT INTO suppression (email_hash, reason, created_at) {seq} SELECT {_HASH[dialect]}, 'bulk', {now} FROM n",

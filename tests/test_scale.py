@@ -298,3 +298,27 @@ def test_a_group_listing_reads_each_membership_about_once(big_postgres_template:
             time.sleep(0.1)
     # Each membership twice (once to find the page's members, once for their groups' names), not once a page.
     assert 0 < reads < 3 * BIG, f"{reads:,} reads of group_member's index to list {BIG:,} members"
+
+
+def test_sending_to_everyone_writes_the_ledger_and_sends_in_bounded_memory(big_url: str, tmp_path: Path) -> None:
+    # The whole send in a real process, to postfix's smtp-sink: the ledger written in segments (no statement binds
+    # more than a claimed batch), every active recipient mailed once, the opted-out skipped, memory flat.
+    from smtp_sink import start_sink
+
+    sink = start_sink()
+    try:
+        config = tmp_path / "campaign.toml"
+        config.write_text(
+            '[send]\nnotifier = "email"\nfrom = "News <news@example.com>"\n\n'
+            f'[notifiers.email]\nhost = "{sink.host}"\nport = {sink.port}\ntls = "none"\nconnections = 8\n',
+            encoding="utf-8",
+        )
+        args = ["--config", str(config), "--database", big_url, "campaign", "send", "1", "--wait"]
+        code, rss_mb, stderr = run_measured([*args, "--no-unsubscribe-link"], stdout=tmp_path / "send.out", timeout=900)
+        assert code == 0, stderr
+        assert rss_mb < RSS_LIMIT_MB
+    finally:
+        sink.stop()
+    stats = make_cm(big_url)("campaign stats 1 --json").json()
+    assert (stats["status"], stats["sent"], stats["skipped"], stats["pending"]) == ("sent", E.active, BIG - E.active, 0)
+    assert stats["attempts"] == E.active
