@@ -129,9 +129,7 @@ def test_a_token_holds_ids_not_addresses() -> None:
     assert len(raw) == 33
 
 
-@pytest.mark.parametrize(
-    ("secret", "recipient_id", "ref_id"), [(b"", 1, 1), (SECRET, -1, 1), (SECRET, 1, MAX_ID + 1)]
-)
+@pytest.mark.parametrize(("secret", "recipient_id", "ref_id"), [(b"", 1, 1), (SECRET, -1, 1), (SECRET, 1, MAX_ID + 1)])
 def test_make_token_refuses_what_it_cannot_sign(secret: bytes, recipient_id: int, ref_id: int) -> None:
     with pytest.raises(ValueError):
         make_token(secret, Purpose.UNSUBSCRIBE, recipient_id, ref_id)
