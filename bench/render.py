@@ -1,8 +1,7 @@
 """Rendering one message: `Renderer.render` for a personalised subject, text and HTML with both unsubscribe links,
-beside, in the same run and interleaved, its floor (the same three templates rendered by Jinja's sandbox through its
-public `Template.render`, which `render` cannot do without; `render` calls the compiled code with a context it builds
-once per message, so it can come out below this floor) and what building the same message through `email.message.EmailMessage` costs (the
-stdlib's way, which the issue's rendering baseline pays).
+beside, in the same run and interleaved, its floor (the same three templates through Jinja's sandbox and its public
+`Template.render`: Jinja's part, which `render` cannot do without) and what building the same message through
+`email.message.EmailMessage` costs (the stdlib's way, which the issue's rendering baseline pays).
 
     python -m bench.render                 # 7 rounds of 2,000 messages each
     python -m bench.render --rounds 15
