@@ -171,3 +171,16 @@ def test_check_templates_names_the_line() -> None:
 def test_a_lone_surrogate_is_a_render_error() -> None:
     with pytest.raises(RenderError, match="not valid Unicode"):
         renderer(campaign(text="{{ city }}")).render(ANN._replace(attributes={"city": "\ud800"}))
+
+
+def test_dict_keys_by_dot_and_by_index() -> None:
+    """`attributes.x` is the key x, unless x is a dict method (`items`, `get`): then the method, as in Jinja."""
+    c = campaign(
+        text="{{ recipient.attributes.city }}|{{ recipient.attributes['items'] }}|"
+        "{% for k, v in recipient.attributes.items() %}{{ k }}={{ v }};{% endfor %}|"
+        "{{ recipient.attributes.get('x', 0) }}"
+    )
+    message = renderer(c).render(ANN._replace(attributes={"city": "Oslo", "items": "3"}))
+    assert message.text == "Oslo|3|city=Oslo;items=3;|0"
+    with pytest.raises(RenderError, match="has no attribute 'zip'"):
+        renderer(campaign(text="{{ recipient.attributes.zip }}")).render(ANN)

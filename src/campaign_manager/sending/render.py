@@ -23,6 +23,8 @@ from campaign_manager.sections import UnsubscribeSettings
 from campaign_manager.sending import mime
 from campaign_manager.sending.templates import (
     GLOBAL_NAMES,
+    CampaignView,
+    RecipientView,
     RenderError,
     TooLarge,
     check_templates,
@@ -55,22 +57,6 @@ class Target(NamedTuple):
     name: str | None = None
     phone: str | None = None
     attributes: Mapping[str, Any] = MappingProxyType({})
-
-
-class RecipientView(NamedTuple):
-    """`recipient` in a template."""
-
-    name: str
-    email: str
-    phone: str
-    attributes: Mapping[str, Any]
-
-
-class CampaignView(NamedTuple):
-    """`campaign` in a template."""
-
-    id: int
-    title: str
 
 
 class Renderer:
