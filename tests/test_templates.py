@@ -184,3 +184,13 @@ def test_dict_keys_by_dot_and_by_index() -> None:
     assert message.text == "Oslo|3|city=Oslo;items=3;|0"
     with pytest.raises(RenderError, match="has no attribute 'zip'"):
         renderer(campaign(text="{{ recipient.attributes.zip }}")).render(ANN)
+
+
+def test_defaults_for_data_a_recipient_may_lack() -> None:
+    """What docs/templates.md tells a template author to write for an attribute not every recipient has."""
+    c = campaign(
+        text="{{ city|default('there') }}|{% if zip is defined %}{{ zip }}{% else %}none{% endif %}"
+        "|{{ recipient.attributes.get('zip', '-') }}"
+    )
+    assert renderer(c).render(ANN._replace(attributes={})).text == "there|none|-"
+    assert renderer(c).render(ANN._replace(attributes={"city": "Oslo", "zip": "0150"})).text == "Oslo|0150|0150"
