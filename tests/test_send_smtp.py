@@ -171,7 +171,7 @@ def test_sigkill_mid_send_loses_nobody_and_resends_within_the_bound(
     assert count // 3 <= len(smtp_server.messages) < count, "the kill came too late to test anything"
     time.sleep(2.5)  # the dead worker's job and claims expire
     again = _worker(tmp_path, config, db_url)
-    out, err = again.communicate(timeout=120)
+    _, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     received = Counter(r for m in smtp_server.messages for r in m.rcpt)
     assert len(received) == count  # nobody lost
