@@ -76,9 +76,7 @@ def test_every_recipient_gets_one_message_that_parses_back(cm: Cm, tmp_path: Pat
     assert rows["p00007@example.org"]["status"] == "sent" and rows["p00007@example.org"]["provider_id"]
 
 
-def test_per_recipient_replies_become_the_right_ledger_states(
-    cm: Cm, tmp_path: Path, smtp_server: SmtpServer
-) -> None:
+def test_per_recipient_replies_become_the_right_ledger_states(cm: Cm, tmp_path: Path, smtp_server: SmtpServer) -> None:
     _config(tmp_path, smtp_server, "max_attempts = 3")
     cid = _campaign(cm, 6)
     smtp_server.reply("RCPT", "550 5.1.1 no such user", to="p00001@example.org")
@@ -179,3 +177,34 @@ def test_sigkill_mid_send_loses_nobody_and_resends_within_the_bound(
     assert resent <= connections + record_batch, f"{resent} messages went out twice"
     stats = _stats(cm, cid)
     assert (stats["status"], stats["sent"], stats["pending"]) == ("sent", count, 0)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_send_wait_records_what_went_out_and_pauses(
+    cm: Cm, db_url: str, tmp_path: Path, smtp_server: SmtpServer, signum: int, code: int
+) -> None:
+    config = _config(tmp_path, smtp_server, "record_batch = 10", connections=2)
+    cid = _campaign(cm, 400)
+    smtp_server.stall(".", 0.01)  # ~100 messages a second a connection: the signal lands mid-send
+    env = {**os.environ, "CM_CONFIG": str(config), "CM_DATABASE_URL": db_url}
+    proc = subprocess.Popen(
+        [str(CM_BIN), "campaign", "send", str(cid), "--wait"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(smtp_server.messages) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"interrupted: campaign {cid} paused" in err and "Traceback" not in err
+    stats = _stats(cm, cid)
+    assert stats["status"] == "paused" and stats["reason"].startswith("interrupted by SIG")
+    acknowledged = sum(1 for m in smtp_server.messages if m.acknowledged)
+    assert stats["sent"] == acknowledged  # every message the server took is in the ledger: none to resend
+    smtp_server.faults.clear()
+    cm(f"campaign resume {cid}")
+    cm("worker --drain")
+    received = Counter(r for m in smtp_server.messages for r in m.rcpt)
+    assert len(received) == 400 and max(received.values()) == 1
+    assert _stats(cm, cid)["status"] == "sent"

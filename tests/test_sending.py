@@ -6,6 +6,7 @@ real SMTP server: tests/test_send_smtp.py) are the real thing."""
 from __future__ import annotations
 
 import email
+import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -292,3 +293,41 @@ def test_update_and_delete_are_for_drafts(cm: Cm, tmp_path: Path) -> None:
     other = int(cm("campaign create --title t2 --subject s --text x --json").json()["id"])
     cm(f"campaign delete {other}")
     assert_error(cm(f"campaign show {other}", ok=False), 3)
+
+
+def test_forget_anonymises_deliveries_and_keeps_the_counts(cm: Cm, tmp_path: Path) -> None:
+    _config(tmp_path, 'notifier = "outbox"')
+    cid = _campaign(cm, ["ada@example.com", "bob@example.com"])
+    cm(f"campaign send {cid} --wait")
+    exported = json.loads(cm("recipient export bob@example.com").stdout)
+    assert [(d["campaign_id"], d["status"]) for d in exported["deliveries"]] == [(cid, "sent")]
+    cm("recipient forget bob@example.com")
+    rows = cm(f"campaign deliveries {cid} --json").json()
+    assert sorted((r["email"] or "", r["status"]) for r in rows) == [("", "sent"), ("ada@example.com", "sent")]
+    assert [r["recipient_id"] for r in rows if r["email"] is None] == [None]
+    assert _stats(cm, cid)["sent"] == 2
+
+
+def test_the_migration_lists_drafts_whose_templates_do_not_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlalchemy as sa
+
+    from campaign_manager import db
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db.upgrade(url, "0002")
+    with db.get_engine(url).begin() as conn:
+        for cid, body in ((1, "Hello {{ name }}"), (2, "Hello {{ name"), (3, "No template")):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO campaign (id, title, subject, body_text, status, created_at, updated_at)"
+                    " VALUES (:id, 't', 's', :body, 'draft', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                ),
+                {"id": cid, "body": body},
+            )
+    db.dispose_engines()
+    db.upgrade(url)
+    err = capsys.readouterr().err
+    assert "campaign 2's text is now a template and does not compile" in err
+    assert "campaign 1" not in err and "campaign 3" not in err

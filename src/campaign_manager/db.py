@@ -38,7 +38,7 @@ HEAD_REVISION = "0003"
 # A module constant so that a test can play a newer cm release (a copy of these plus one more revision).
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-_engines: dict[tuple[str, bool], Engine] = {}
+_engines: dict[tuple[str, bool, bool], Engine] = {}
 _lock = threading.Lock()
 _identities: dict[Path, tuple[int, int]] = {}  # SQLite file -> (st_dev, st_ino) when this process first opened it
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def display_url(url: str) -> str:
     return str(mask("database.url", url))
 
 
-def _make_engine(url: str, *, write: bool) -> Engine:
+def _make_engine(url: str, *, write: bool, kept: bool = False) -> Engine:
     from sqlalchemy import create_engine, event
 
     url = normalize_url(url)
@@ -95,9 +95,13 @@ def _make_engine(url: str, *, write: bool) -> Engine:
     path = sqlite_path(url)
     # No pool limit for SQLite: opening a file is cheap, and a worker with several threads each running a job
     # needs several connections at once (the default pool of 5 + 10 would make the eleventh wait).
-    from sqlalchemy.pool import NullPool
+    from sqlalchemy.pool import NullPool, SingletonThreadPool
 
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, poolclass=NullPool)
+    engine = create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        poolclass=SingletonThreadPool if kept else NullPool,
+    )
     begin_sql = "BEGIN IMMEDIATE" if write else "BEGIN"
 
     if path is not None:
@@ -210,12 +214,16 @@ def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-def get_engine(url: str, *, write: bool = True) -> Engine:
-    """One engine per URL (and per read/write flavour on SQLite), made on first use."""
-    key = (normalize_url(url), write and is_sqlite(url))
+def get_engine(url: str, *, write: bool = True, kept: bool = False) -> Engine:
+    """One engine per URL (and per read/write flavour on SQLite), made on first use. `kept`: on SQLite, each
+    thread keeps its connection open between sessions (for a loop that commits often from one thread: a sender),
+    where cm otherwise connects per session; closing the last connection to a WAL file checkpoints it, which cost
+    a sender more than its writes."""
+    sqlite = is_sqlite(url)
+    key = (normalize_url(url), write and sqlite, kept and sqlite)
     with _lock:
         if key not in _engines:
-            _engines[key] = _make_engine(url, write=write)
+            _engines[key] = _make_engine(url, write=write, kept=kept and sqlite)
         return _engines[key]
 
 
@@ -232,19 +240,21 @@ def discard_connections(url: str) -> None:
     PostgreSQL connection may be dead, or still carry a session made while the database was read-only."""
     key = normalize_url(url)
     with _lock:
-        engines = [engine for (name, _write), engine in _engines.items() if name == key]
+        engines = [engine for (name, _write, _kept), engine in _engines.items() if name == key]
     for engine in engines:
         engine.dispose()
 
 
 @contextmanager
-def open_session(url: str, *, write: bool = True, migrate: bool = True, create: bool = False) -> Iterator[Session]:
+def open_session(
+    url: str, *, write: bool = True, migrate: bool = True, create: bool = False, kept: bool = False
+) -> Iterator[Session]:
     """A session that commits on success and rolls back on error; checks the schema first (see ensure_schema
-    for `create`)."""
+    for `create`). `kept`: see get_engine."""
     from sqlalchemy.exc import DataError, IntegrityError, InternalError, OperationalError, ProgrammingError
     from sqlmodel import Session
 
-    engine = get_engine(url, write=write)
+    engine = get_engine(url, write=write, kept=kept)
     try:
         if migrate:
             ensure_schema(url, create=create)

@@ -25,7 +25,9 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from campaign_manager.notifiers import Message, NotifierDown, Result
@@ -78,6 +80,7 @@ class Recorder:
     batch: int
     interval: float
     totals: Totals
+    db: Callable[..., Any]
     pending: list[tuple[Any, Result]] = field(default_factory=list)
     _writing: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -104,7 +107,7 @@ class Recorder:
             items, self.pending = self.pending, []
             self._writing = len(items)
             try:
-                await asyncio.to_thread(self.hooks.record, items)
+                await self.db(self.hooks.record, items)
             except BaseException:
                 self.pending[:0] = items  # not written: the caller's error path decides
                 raise
@@ -190,10 +193,20 @@ class Sender:
         self.notifier, self.hooks = notifier, hooks
         self.pacer = Pacer(rate)
         self.totals = Totals()
-        self.recorder = Recorder(hooks, max(1, record_batch), max(0.01, record_interval), self.totals)
+        # Every database call of a send runs on this one thread, which keeps its connection (db.get_engine's
+        # `kept`): the loop never waits on the database, and the database work does not interleave.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cm-send-db")
+        self.recorder = Recorder(hooks, max(1, record_batch), max(0.01, record_interval), self.totals, self.db)
         self.max_outage = max_outage
         self.stopping = False
         self.wakeup: asyncio.Event | None = None
+
+    def db(self, call: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """`call(*args)` on the database thread."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, partial(call, *args))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
     def stop(self) -> None:
         self.stopping = True
@@ -247,7 +260,7 @@ class Sender:
                 while in_flight:
                     drained.clear()
                     await drained.wait()
-                claiming = asyncio.ensure_future(asyncio.to_thread(self.hooks.claim))
+                claiming = asyncio.ensure_future(self.db(self.hooks.claim))
                 try:
                     batch = await asyncio.shield(claiming)
                 except asyncio.CancelledError:
@@ -288,7 +301,7 @@ class Sender:
             unsent.extend(in_flight.values())
             if unsent:
                 await self.recorder.flush()
-                await asyncio.to_thread(self.hooks.release, list(unsent))
+                await self.db(self.hooks.release, list(unsent))
         return ended[0]
 
 
@@ -303,7 +316,7 @@ def run(sender: Sender, *, poll: Callable[[], bool] | None = None, every: float 
             async def watch() -> None:
                 while True:
                     await asyncio.sleep(every)
-                    if await asyncio.to_thread(poll):
+                    if await sender.db(poll):
                         sender.stop()
                         return
 

@@ -85,13 +85,14 @@ class Send:
         self.url, self.settings, self.cid, self.outer = url, settings, cid, progress
         self.token = secrets.token_hex(10)
         self.stopped_by: BaseException | None = None
+        self.first_claim: float | None = None  # when the sending phase began (for `stats` and the benchmark)
         self.signal = runner.defer_interrupts()
 
     def run(self) -> dict[str, Any]:
         from campaign_manager.sending.render import Renderer
 
         send = self.settings.send
-        with open_session(self.url) as session:
+        with open_session(self.url, kept=True) as session:
             campaign = get_campaign(session, self.cid)
             database_id, own_secret = ledger.identity(session)
             self.total = sum(v for k, v in ledger.counts(session, self.cid).items() if k != "skipped")
@@ -116,22 +117,10 @@ class Send:
             record_interval=send.record_interval,
             max_outage=send.max_outage,
         )
-        while True:
-            ended = engine.run(sender, poll=self._should_stop)
-            if ended == "down":
-                self._pause(f"the notifier was down for more than send.max_outage: {sender.totals.down}")
-                break
-            if ended == "stopped" or self.stopped_by is not None or self.signal():
-                break
-            wait = self._finish_or_wait()
-            if wait is None:
-                break
-            if wait > WAIT_IN_RUN:
-                self._queue_later(wait)
-                break
-            if self._sleep(wait):
-                break
-            sender.stopping = False
+        try:
+            self._rounds(sender)
+        finally:
+            sender.close()
         signum = self.signal()
         if signum:
             import signal as signals
@@ -139,14 +128,37 @@ class Send:
             self._pause(f"interrupted by {signals.Signals(signum).name}")
         if self.stopped_by is not None:
             raise self.stopped_by  # the worker gave the job back: another run goes on from the ledger
-        with open_session(self.url, write=False) as session:
+        with open_session(self.url, write=False, kept=True) as session:
             counts = ledger.counts(session, self.cid)
-        return {"campaign_id": self.cid, **counts, "interrupted": signum}
+        seconds = 0.0 if self.first_claim is None else time.monotonic() - self.first_claim
+        return {"campaign_id": self.cid, **counts, "interrupted": signum, "sending_seconds": round(seconds, 3)}
+
+    def _rounds(self, sender: engine.Sender) -> None:
+        """Send until nothing is pending (or a retry is due later than WAIT_IN_RUN), a pause, a signal or an
+        outage past send.max_outage."""
+        while True:
+            ended = engine.run(sender, poll=self._should_stop)
+            if ended == "down":
+                self._pause(f"the notifier was down for more than send.max_outage: {sender.totals.down}")
+                return
+            if ended == "stopped" or self.stopped_by is not None or self.signal():
+                return
+            wait = self._finish_or_wait()
+            if wait is None:
+                return
+            if wait > WAIT_IN_RUN:
+                self._queue_later(wait)
+                return
+            if self._sleep(wait):
+                return
+            sender.stopping = False
 
     # -- hooks (each runs in a thread)
 
     def _claim(self) -> list[Any] | None:
-        with open_session(self.url) as session:
+        if self.first_claim is None:
+            self.first_claim = time.monotonic()
+        with open_session(self.url, kept=True) as session:
             campaign = session.get(Campaign, self.cid)
             if campaign is None or campaign.status != CampaignStatus.SENDING:
                 return None
@@ -174,7 +186,7 @@ class Send:
 
     def _record(self, items: list[tuple[Any, Result]]) -> None:
         send = self.settings.send
-        with open_session(self.url) as session:
+        with open_session(self.url, kept=True) as session:
             ledger.record(
                 session,
                 self.token,
@@ -186,7 +198,7 @@ class Send:
             )
 
     def _release(self, targets: list[Any]) -> None:
-        with open_session(self.url) as session:
+        with open_session(self.url, kept=True) as session:
             ledger.release(session, self.token, [t.delivery_id for t in targets])
 
     def _progress(self, done: int) -> None:
@@ -202,7 +214,7 @@ class Send:
     def _should_stop(self) -> bool:
         if self.signal() or self.stopped_by is not None:
             return True
-        with open_session(self.url, write=False) as session:
+        with open_session(self.url, write=False, kept=True) as session:
             campaign = session.get(Campaign, self.cid)
             return campaign is None or campaign.status != CampaignStatus.SENDING
 
@@ -211,7 +223,7 @@ class Send:
     def _finish_or_wait(self) -> float | None:
         """Nothing due: skip the pending deliveries no longer mailable; sent when none is left, else the seconds
         until the next is due (0: one is due now)."""
-        with open_session(self.url) as session:
+        with open_session(self.url, kept=True) as session:
             ledger.sweep(session, self.cid)
             pending, when = ledger.next_due(session, self.cid)
             campaign = get_campaign(session, self.cid)
@@ -236,13 +248,13 @@ class Send:
         """A retry due later than WAIT_IN_RUN: a new job for then, so no worker idles on it."""
         from campaign_manager.jobs.queue import enqueue_job
 
-        with open_session(self.url) as session:
+        with open_session(self.url, kept=True) as session:
             job = create_job(session, KIND, {"campaign_id": self.cid})
             session.flush()
             enqueue_job(self.settings, int(job.id or 0), eta=utcnow() + timedelta(seconds=seconds))
 
     def _pause(self, reason: str) -> None:
-        with open_session(self.url) as session:
+        with open_session(self.url, kept=True) as session:
             campaign = get_campaign(session, self.cid)
             if campaign.status == CampaignStatus.SENDING:
                 set_status(campaign, CampaignStatus.PAUSED, reason)
