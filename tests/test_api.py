@@ -36,6 +36,17 @@ def test_the_documented_example_runs(tmp_path: Path) -> None:
     assert counts["created"] == 1 and counts["suppressed"] == 1 and counts["invalid"] == 1
     assert sorted(members) == ["ada@example.com", "carol@example.com"]
 
+    settings = api.load_settings(
+        None, {"database.url": settings.database_url, "send.from": "News <news@example.com>"}
+    )
+    with api.open_session(settings.database_url) as session:
+        campaign = api.create_campaign(session, title="May", subject="Hi", text="News", groups=["newsletter"])
+    api.submit_job(settings, lambda s: api.queue_send(s, settings, campaign.id or 0, notifier="outbox").job)
+    assert api.drain(settings).ok
+    with api.open_session(settings.database_url, write=False) as session:
+        assert api.campaign_stats(session, campaign.id or 0)["sent"] == 2
+        assert {d["email"] for d in api.iter_deliveries(session, campaign.id or 0)} == set(members)
+
 
 def test_errors_carry_their_exit_code(tmp_path: Path) -> None:
     settings = api.load_settings(None, {"database.url": f"sqlite:///{tmp_path / 'cm.db'}"})

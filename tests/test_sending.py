@@ -331,3 +331,33 @@ def test_the_migration_lists_drafts_whose_templates_do_not_compile(
     err = capsys.readouterr().err
     assert "campaign 2's text is now a template and does not compile" in err
     assert "campaign 1" not in err and "campaign 3" not in err
+
+
+def test_a_phone_notifier_plugin_sends_through_its_entry_point_and_skips_who_has_no_phone(
+    cm: Cm, tmp_path: Path, gateway_server: Any
+) -> None:
+    # The example third-party plugin (examples/cm-sms-gateway, installed by `make test`) in a whole campaign.
+    (tmp_path / "campaign.toml").write_text(
+        f'[send]\nnotifier = "sms"\nfrom = "News <news@example.com>"\n\n[notifiers.sms]\nurl = "{gateway_server.url}"\n'
+        'api_key = "k3y"\n',
+        encoding="utf-8",
+    )
+    cid = _campaign(cm, ["ada@example.com", "bob@example.com"], text="Sale for {{ name }}!")
+    cm("recipient update ada@example.com --phone '+44 7700 900123' --name Ada")
+    cm(f"campaign send {cid} --wait --no-unsubscribe-link")
+    assert [r.json()["text"] for r in gateway_server.requests] == ["Sale for Ada!"]
+    assert gateway_server.requests[0].json()["to"] == "+44 7700 900123"
+    rows = {r["email"]: r for r in cm(f"campaign deliveries {cid} --json").json()}
+    assert (rows["ada@example.com"]["status"], rows["bob@example.com"]["status"]) == ("sent", "skipped")
+    assert rows["bob@example.com"]["error"] == "no phone"
+
+
+def test_a_test_token_opts_nobody_out(cm: Cm, tmp_path: Path) -> None:
+    _config(tmp_path, 'notifier = "outbox"\n[unsubscribe]\nmailto = "unsub@example.com"')
+    cid = _campaign(cm, ["ada@example.com"])
+    cm(f"campaign send {cid} --test-to ada@example.com")
+    [copy] = (tmp_path / "out").iterdir()
+    link = email.message_from_bytes(copy.read_bytes())["List-Unsubscribe"]
+    token = link.split("subject=unsubscribe%20", 1)[1].split(">", 1)[0]
+    assert "nothing to do" in cm(f"recipient opt-out --token {token}").stderr
+    assert cm("recipient show ada@example.com --json").json()["status"] == "active"

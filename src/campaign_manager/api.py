@@ -12,6 +12,13 @@ few of them) over a session, and the CLI adds nothing but parsing and printing.
     job = api.submit_job(settings, lambda s: api.stage_import(s, "people.csv", group="newsletter"))
     api.drain(settings)                                 # what `cm worker --drain` does
 
+    with api.open_session(settings.database_url) as session:
+        campaign = api.create_campaign(session, title="May", subject="Hi", text="News", groups=["newsletter"])
+    api.submit_job(settings, lambda s: api.queue_send(s, settings, campaign.id, notifier="outbox").job)
+    api.drain(settings)                                 # the worker sends it
+    with api.open_session(settings.database_url) as session:
+        api.campaign_stats(session, campaign.id)        # {"sent": 1, ...}; api.iter_deliveries: who got it
+
 Functions raise `CmError` subclasses (`InvalidInput`, `NotFound`, `Conflict`, `ConsentError`, `DatabaseError`,
 ...) with a one-line message and an `exit_code`; nothing here prints. The consent rules hold on every path: an
 opted-out address is never reactivated except by `opt_in`, a forgotten one never comes back except by
@@ -58,7 +65,17 @@ from campaign_manager.jobs.drain import DrainReport, drain
 from campaign_manager.jobs.queue import enqueue_job, submit_job
 from campaign_manager.jobs.records import cancel_job, describe_job, get_job, list_jobs, retry_job
 from campaign_manager.jobs.runner import run_in_foreground, run_job
-from campaign_manager.sending.campaigns import audience_size, create_campaign, get_campaign, iter_campaigns
+from campaign_manager.sending.campaigns import (
+    audience_size,
+    create_campaign,
+    delete_campaign,
+    get_campaign,
+    iter_campaigns,
+    update_campaign,
+)
+from campaign_manager.sending.reports import iter_deliveries
+from campaign_manager.sending.reports import stats as campaign_stats
+from campaign_manager.sending.service import cancel, pause, queue_send, resume, retry
 
 __all__ = [
     "CmError",
@@ -71,11 +88,14 @@ __all__ = [
     "Settings",
     "add_recipients",
     "audience_size",
+    "campaign_stats",
+    "cancel",
     "cancel_job",
     "count_recipients",
     "create_campaign",
     "create_group",
     "create_recipient",
+    "delete_campaign",
     "delete_group",
     "describe",
     "describe_groups",
@@ -94,6 +114,7 @@ __all__ = [
     "group_recipients",
     "history",
     "iter_campaigns",
+    "iter_deliveries",
     "iter_recipients",
     "iter_rejects",
     "list_groups",
@@ -107,13 +128,18 @@ __all__ = [
     "opt_in_address",
     "opt_out",
     "opt_out_address",
+    "pause",
+    "queue_send",
     "remove_recipients",
+    "resume",
+    "retry",
     "retry_job",
     "run_in_foreground",
     "run_job",
     "select_recipients",
     "stage_import",
     "submit_job",
+    "update_campaign",
     "update_group",
     "update_recipient",
     "upgrade",
