@@ -22,6 +22,7 @@ Options (of SmtpServer, and so of the factory), all keyword-only:
     replies="each"           how replies are written: "each" on its own (aiosmtpd's way: pipelined replies arrive
                              in separate segments), "bytes" one byte per segment with a pause between them,
                              "together" held while more commands are waiting (Postfix's way: one segment)
+    idle_timeout=300         seconds of silence after which the server closes a connection
 
 `followed` says whether more of the client's input was already waiting when the server read the command: the
 client pipelined it (for ".", the end of a message's data: the next commands came with it).
@@ -96,6 +97,7 @@ class SmtpServer:
     auth: bool = False
     password: str = "secret"
     replies: str = "each"
+    idle_timeout: float = 300.0  # seconds a connection may say nothing before the server closes it
     certificate: tuple[Path, Path] | None = None  # (cert, key), needed for TLS
     port: int = 0
     host: str = HOST
@@ -156,6 +158,7 @@ class SmtpServer:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*map(str, self.certificate))
         kwargs: dict[str, Any] = {"server_hostname": "smtp.test", "enable_SMTPUTF8": False}
+        kwargs["timeout"] = self.idle_timeout
         if self.starttls:
             kwargs["tls_context"] = context
         if self.auth:

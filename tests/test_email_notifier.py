@@ -5,6 +5,7 @@ exactly once with its bytes intact, and every reply must become the right Result
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -12,7 +13,8 @@ import pytest
 
 from campaign_manager.notifiers import Message, NotifierDown, Result
 from campaign_manager.notifiers.email import EmailNotifier, PartialDown
-from email_helpers import collect, message, messages, send, sent_all, settings
+from campaign_manager.notifiers.smtp_wire import Wire
+from email_helpers import collect, feed, message, messages, send, sent_all, settings
 from smtp_server import SmtpServer
 from smtp_sink import SmtpSink
 
@@ -58,6 +60,27 @@ def test_smtp_sink_receives_every_message_once_with_its_bytes(
     assert down is None and sent_all(results, items)
     assert results["1-3"].provider_id == "<3.test@example.com>"  # smtp-sink gives no queue id: the Message-ID
     assert Counter((m.mail_from, tuple(m.rcpt), m.data) for m in sink.messages()) == _received(items)
+
+
+def test_a_large_message_waits_for_the_transport_to_drain(
+    smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pauses: list[bool] = []
+    original = Wire.pause_writing
+
+    def watched(self: Wire) -> None:
+        pauses.append(True)
+        original(self)
+
+    monkeypatch.setattr(Wire, "pause_writing", watched)
+    # 12 MB: more than the socket takes at once (tcp_wmem allows 4 MB), so the transport's buffer fills.
+    big = message(1, body="{i}\r\n" + ("x" * 990 + "\r\n.dot\r\n") * 12_000)
+    assert len(big.data) > 11_000_000
+    items = [message(0), big, message(2)]
+    results, down = send(settings(smtp_server, connections=1), items)
+    assert down is None and sent_all(results, items)
+    assert [r.data for r in smtp_server.messages] == [m.data for m in items]
+    assert pauses  # the transport's buffer did fill
 
 
 def test_connections_are_all_used_and_take_messages_only_when_ready(smtp_server: SmtpServer) -> None:
@@ -246,6 +269,45 @@ def test_down_then_up_the_notifier_works_again_after_close_and_open(smtp_server:
     assert down is not None and down.reason.startswith("connect to ")
     assert sent_all(results, messages(6))
     assert sorted(r.rcpt[0] for r in smtp_server.messages) == sorted(m.to for m in messages(6))
+
+
+def test_connections_the_server_closed_while_idle_are_opened_again(smtp_server_factory: Servers) -> None:
+    server = smtp_server_factory(idle_timeout=0.3)
+
+    async def run() -> list[tuple[Message, Result]]:
+        notifier = EmailNotifier(settings(server, connections=2))
+        await notifier.open()
+        first, _ = await collect(notifier, messages(4))
+        await asyncio.sleep(0.8)  # the server closes both connections
+        second, down = await collect(notifier, messages(4, start=4))
+        await notifier.close()
+        assert down is None
+        return first + second
+
+    results = {m.key: r for m, r in asyncio.run(run())}
+    assert sent_all(results, messages(8)) and len(server.messages) == 8
+    assert server.connections == 4
+
+
+def test_a_stream_abandoned_midway_leaves_the_notifier_usable(smtp_server: SmtpServer) -> None:
+    async def run() -> dict[str, Result]:
+        notifier = EmailNotifier(settings(smtp_server, connections=2))
+        got: dict[str, Result] = {}
+        async with contextlib.aclosing(notifier.stream(feed(messages(50)))) as results:
+            async for item, result in results:
+                got[item.key] = result
+                if len(got) == 3:
+                    break
+        rest, down = await collect(notifier, messages(5, start=50))
+        await notifier.close()
+        assert down is None
+        return got | {m.key: r for m, r in rest}
+
+    results = asyncio.run(run())
+    assert len(results) == 8 and all(r.outcome == "sent" for r in results.values())
+    assert {f"1-{i}" for i in range(50, 55)} <= set(results)
+    # Messages abandoned in flight may have reached the server; none twice.
+    assert max(Counter(r.data for r in smtp_server.messages).values()) == 1
 
 
 def test_send_batch_gives_results_in_order_and_partial_ones_on_failure(smtp_server: SmtpServer) -> None:

@@ -118,8 +118,10 @@ class EmailNotifier:
             await pool.close()
 
     async def stream(self, messages: AsyncIterator[Message]) -> AsyncIterator[tuple[Message, Result]]:
-        """(message, result) for each message, as the server answers; NotifierDown when the server cannot be
-        used (a message without a result was not attempted, except one reported `uncertain`)."""
+        """(message, result) for each message, as the server answers (opening the notifier first if need be);
+        NotifierDown when the server cannot be used: a message taken from `messages` that got no result was not
+        attempted. Messages are taken only as connections are ready for them: at most two a connection are
+        unanswered at any time."""
         if self._pool is None:
             await self.open()
         assert self._pool is not None

@@ -164,7 +164,8 @@ class Session:
 
     async def run(self, messages: Messages, emit: Emit) -> None:
         """Sends messages until `messages` has no more. When the connection fails: emits the uncertain retry of
-        the message whose data went out, and raises Down with the messages taken and not attempted in `carry`."""
+        the message whose data went out (handed to the transport: whether the server has it is unknown), and raises
+        Down with the messages taken and not attempted in `carry`."""
         wire = self.wire
         if wire is None or wire.closed is not None or wire.replies:
             why = (wire.closed or "a reply while idle") if wire is not None else "not connected"
@@ -207,10 +208,10 @@ class Session:
             else:
                 # The data, and the next message's commands right behind it when one is ready.
                 following = self._poll(messages, emit)
-                self.taken.remove(message)
-                self.in_data = message
                 wire.write(stuff(message.data, self._group(following) if following else b""))
                 await wire.drain()
+                self.taken.remove(message)
+                self.in_data = message
                 self._finish(message, (await wire.read(1))[0], emit)
                 count = 3
                 if following is None:
@@ -240,10 +241,10 @@ class Session:
                 data_reply = (await wire.read(1))[0]
             if self._envelope(message, mail_reply, rcpt_reply, data_reply, emit):
                 continue
-            self.taken.remove(message)
-            self.in_data = message
             wire.write(stuff(message.data))
             await wire.drain()
+            self.taken.remove(message)
+            self.in_data = message
             self._finish(message, (await wire.read(1))[0], emit)
 
     def _envelope(self, message: Message, mail: Reply, rcpt: Reply, data: Reply, emit: Emit) -> bool:

@@ -140,9 +140,12 @@ class Wire(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Waits while the transport's buffer is full (a large message to a slow server)."""
+        """Waits while the transport's buffer is full (a large message to a slow server), at most the timeout."""
         if self._paused is not None:
-            await self._paused
+            try:
+                await asyncio.wait_for(asyncio.shield(self._paused), self.timeout)
+            except TimeoutError:
+                raise Down(f"could not write within {self.timeout:g} s") from None
 
     async def read(self, count: int) -> list[Reply]:
         """The next `count` replies; Down when the connection ends or they take longer than the timeout."""
