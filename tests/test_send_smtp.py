@@ -164,6 +164,7 @@ def test_sigkill_mid_send_loses_nobody_and_resends_within_the_bound(
     deadline = time.monotonic() + 60
     while len(smtp_server.messages) < count // 3 and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.01)
+    before_kill = len(smtp_server.messages)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     assert count // 3 <= len(smtp_server.messages) < count, "the kill came too late to test anything"
@@ -174,6 +175,7 @@ def test_sigkill_mid_send_loses_nobody_and_resends_within_the_bound(
     received = Counter(r for m in smtp_server.messages for r in m.rcpt)
     assert len(received) == count  # nobody lost
     resent = sum(n - 1 for n in received.values())
+    print(f"sent before the kill: {before_kill}, resent after it: {resent}")
     assert resent <= connections + record_batch, f"{resent} messages went out twice"
     stats = _stats(cm, cid)
     assert (stats["status"], stats["sent"], stats["pending"]) == ("sent", count, 0)

@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -248,7 +249,8 @@ class Sender:
 
     async def _pump(self) -> str:
         """One session with the notifier: feed it until nothing is due or a stop; returns "idle" or "stopped"."""
-        in_flight: dict[str, Any] = {}
+        in_flight: dict[str, Any] = {}  # handed to the notifier, not yet answered
+        waiting: deque[Any] = deque()  # claimed, not yet handed over
         unsent: list[Any] = []
         ended = ["idle"]
         drained = asyncio.Event()  # nothing in flight
@@ -272,17 +274,19 @@ class Sender:
                     return
                 if not batch:
                     return
-                for index, target in enumerate(batch):
+                waiting.extend(batch)
+                while waiting:
                     if self.stopping:
-                        unsent.extend(batch[index:])
-                        return
+                        return  # what is still waiting is given back below
+                    target = waiting[0]
                     made = self.hooks.render(target)
                     if isinstance(made, Result):
+                        waiting.popleft()
                         self.recorder.add(target, made)
                         continue
                     await self.pacer.wait()
                     await self.recorder.room()
-                    in_flight[made.key] = target
+                    in_flight[made.key] = waiting.popleft()
                     yield made
 
         stream = getattr(self.notifier, "stream", None)
@@ -297,7 +301,9 @@ class Sender:
                     drained.set()
         finally:
             await source.aclose()
-            # Handed over but never answered (the notifier went down, or a stop): no attempt counted.
+            # Claimed but never handed over, or handed over and never answered (the notifier went down, a stop):
+            # given back, no attempt counted.
+            unsent.extend(waiting)
             unsent.extend(in_flight.values())
             if unsent:
                 await self.recorder.flush()
