@@ -53,6 +53,7 @@ class Sink:
     port: int
     process: subprocess.Popen[bytes]
     host: str = HOST
+    flags: tuple[str, ...] = ()  # smtp-sink's options: "-p" turns PIPELINING off
 
     @classmethod
     def start(cls, *flags: str) -> Sink:
@@ -65,7 +66,7 @@ class Sink:
         while True:
             try:
                 socket.create_connection((HOST, port), timeout=1).close()
-                return cls(port, process)
+                return cls(port, process, flags=flags)
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     process.kill()
