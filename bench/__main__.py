@@ -6,7 +6,8 @@ Examples:
   python -m bench                      # everything: start-up, imports (--wait, queued), listing 1,000,000 recipients
   python -m bench --only listing       # `cm recipient list --json` over 1,000,000 recipients, SQLite and PostgreSQL
   python -m bench --only startup       # just start-up
-  python -m bench --only send          # 100,000 messages through the email notifier to smtp-sink
+  python -m bench --only send          # the email notifier, then a campaign to 100,000 and one to 1,000,000
+  python -m bench --only send --no-send-million   # the same without the 1,000,000 (which takes minutes)
   python -m bench --quick              # small sizes, a smoke run of every benchmark in well under a minute
   python -m bench --only sqlite --rows 200000
 """
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import imports, listing, proc, send, startup
+from bench import campaign, imports, listing, proc, send, startup
 from bench.gen import Dataset, ensure_dataset
 from bench.imports import Bench
 from bench.report import Report
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     wait_rows = args.rows or (10_000 if args.quick else 100_000)
     runs = args.runs or (7 if args.quick else 21)
     listing_rows = args.rows or (50_000 if args.quick else 1_000_000)
-    send_messages = args.rows or (5_000 if args.quick else 100_000)
+    send_messages = args.rows or (2_000 if args.quick else 100_000)
+    campaign_recipients = args.rows or (1_000 if args.quick else 100_000)
+    send_million = not args.quick if args.send_million is None else args.send_million
 
     report = Report()
     _print_header(
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_rows=wait_rows,
         listing_rows=listing_rows,
         send_messages=send_messages,
+        campaign_recipients=campaign_recipients,
+        send_million=send_million,
         runs=runs,
         quick=args.quick,
     )
@@ -66,10 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             "sqlite": lambda: imports.bench_queued_sqlite(bench, dataset(queued_rows)),
             "postgres": lambda: imports.bench_queued_postgres(bench, dataset(queued_rows), server_url=args.postgres),
             "listing": lambda: listing.bench_listing(bench, rows=listing_rows, server_url=args.postgres),
-            "send": lambda: send.bench_send(
-                report, messages=send_messages, rounds=args.send_rounds, connections=args.connections
-            ),
         }
+
+        def send_step() -> None:
+            send.bench_send(report, messages=send_messages, rounds=args.send_rounds, connections=args.connections)
+            campaign.bench_campaign(
+                bench, recipients=campaign_recipients, rounds=args.send_rounds, connections=args.connections
+            )
+            if send_million:
+                campaign.bench_million(bench, connections=args.connections)
+
+        steps["send"] = send_step
         for name in BENCHMARKS:
             if name in selected:
                 steps[name]()
@@ -96,13 +108,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rows",
         type=int,
-        help="rows for every import benchmark, recipients for the listing and messages for send "
-        "(default 1,000,000; 100,000 for the --wait import and send)",
+        help="rows for every import benchmark, recipients for the listing, messages and campaign recipients for "
+        "send (default 1,000,000; 100,000 for the --wait import and send)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and fewer runs, for a smoke run")
     parser.add_argument("--runs", type=int, help="start-up runs per command (default 21, 7 with --quick)")
     parser.add_argument("--send-rounds", type=int, default=3, help="interleaved rounds of the send benchmark (3)")
     parser.add_argument("--connections", type=int, default=8, help="SMTP connections of the send benchmark (8)")
+    parser.add_argument(
+        "--send-million",
+        action=argparse.BooleanOptionalAction,
+        help="with send, also a campaign to 1,000,000 recipients for its peak RSS (minutes; default on, off with "
+        "--quick)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated CSV files (default 42)")
     parser.add_argument(
         "--postgres",
@@ -136,6 +154,8 @@ def _print_header(
     wait_rows: int,
     listing_rows: int,
     send_messages: int,
+    campaign_recipients: int,
+    send_million: bool,
     runs: int,
     quick: bool,
 ) -> None:
@@ -146,7 +166,9 @@ def _print_header(
     sizes += [f"--wait import {wait_rows:,} rows"] if "wait" in selected else []
     sizes += [f"queued imports {queued_rows:,} rows"] if selected & {"sqlite", "postgres"} else []
     sizes += [f"listing {listing_rows:,} recipients"] if "listing" in selected else []
-    sizes += [f"send {send_messages:,} messages"] if "send" in selected else []
+    if "send" in selected:
+        million = f", {campaign.MILLION:,} for the peak RSS" if send_million else ""
+        sizes += [f"send {send_messages:,} messages, a campaign to {campaign_recipients:,}{million}"]
     print(f"   sizes: {', '.join(sizes)}")
     print("   ratio = figure / baseline; the baselines are measured in this same run, next to the figure")
     busy = _busy()

@@ -11,7 +11,7 @@ Connections are opened before the clock starts and closed after it stops, for ev
 checked: a run in which any message was not accepted counts as failed, so a broken sender cannot look fast.
 
 `bench_campaign_send` is the issue's whole figure (a campaign sent by cm, beside aiosmtplib with and without cm's
-rendering per message), for the campaign engine to call once it exists.
+rendering per message); bench/campaign.py calls it with a campaign sent by `cm campaign send --wait`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Sink:
     port: int
     process: subprocess.Popen[bytes]
     host: str = HOST
+    flags: tuple[str, ...] = ()  # smtp-sink's options: "-p" turns PIPELINING off
 
     @classmethod
     def start(cls, *flags: str) -> Sink:
@@ -65,7 +66,7 @@ class Sink:
         while True:
             try:
                 socket.create_connection((HOST, port), timeout=1).close()
-                return cls(port, process)
+                return cls(port, process, flags=flags)
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     process.kill()
@@ -209,7 +210,7 @@ def bench_campaign_send(
     run_campaign: Callable[[Sink], float],
     render: Callable[[int], Message],
 ) -> None:
-    """The issue's figure, for the campaign engine to call: `run_campaign(sink)` sends a campaign of `recipients`
+    """The issue's figure (bench/campaign.py calls it): `run_campaign(sink)` sends a campaign of `recipients`
     through cm's email notifier (`connections` of them) to `sink` and returns the seconds of its sending phase
     (first claim until nothing is pending); `render(i)` renders recipient i's message as cm does (sandboxed Jinja
     subject and body, token, headers). Interleaved rounds of: the campaign; aiosmtplib with messages rendered
