@@ -86,11 +86,14 @@ class Recorder:
     _writing: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _room: asyncio.Event = field(default_factory=asyncio.Event)
+    # The flush `add` started, while it has not finished: one at a time (each add used to start one until the
+    # first took the lock, writing many small batches), and held here (the loop keeps only a weak reference).
+    _flushing: asyncio.Task[None] | None = None
 
     def add(self, target: Any, result: Result) -> None:
         self.pending.append((target, result))
-        if len(self.pending) >= max(1, self.batch // 2) and not self._lock.locked():
-            asyncio.get_running_loop().create_task(self.flush())
+        if len(self.pending) >= self.batch and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.get_running_loop().create_task(self.flush())
 
     async def room(self) -> None:
         """Wait while `batch` results are unrecorded (those waiting and those being written)."""

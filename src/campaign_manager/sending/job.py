@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from campaign_manager.db import open_session
 from campaign_manager.jobs import runner
@@ -23,6 +23,7 @@ from campaign_manager.tables.sending import Campaign
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
+    from campaign_manager.sending.render import Target
 
 log = logging.getLogger("campaign_manager.send")
 # A retry due within this long is waited for in the same run; a later one is a new job, queued for then.
@@ -89,8 +90,9 @@ class Send:
         self.signal = runner.defer_interrupts()
 
     def run(self) -> dict[str, Any]:
-        from campaign_manager.sending.render import Renderer
+        from campaign_manager.sending.render import Renderer, RenderError
 
+        self.render_error = RenderError
         send = self.settings.send
         with open_session(self.url, kept=True) as session:
             campaign = get_campaign(session, self.cid)
@@ -171,17 +173,12 @@ class Send:
             )
 
     def _render(self, target: ledger.Target) -> Message | Result:
-        from campaign_manager.sending.render import RenderError, Target
-
         if self.need == Need.PHONE and not target.phone:
             return Result.skipped("no phone")
         try:
-            return self.renderer.render(
-                Target(
-                    target.delivery_id, target.recipient_id, target.email, target.name, target.phone, target.attributes
-                )
-            )
-        except RenderError as exc:
+            # The ledger's target has the renderer's fields (and `attempts`): passed as it is, no copy a message.
+            return self.renderer.render(cast("Target", target))
+        except self.render_error as exc:
             return Result.failed(exc.reason)
 
     def _record(self, items: list[tuple[Any, Result]]) -> None:
