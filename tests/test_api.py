@@ -36,9 +36,7 @@ def test_the_documented_example_runs(tmp_path: Path) -> None:
     assert counts["created"] == 1 and counts["suppressed"] == 1 and counts["invalid"] == 1
     assert sorted(members) == ["ada@example.com", "carol@example.com"]
 
-    settings = api.load_settings(
-        None, {"database.url": settings.database_url, "send.from": "News <news@example.com>"}
-    )
+    settings = api.load_settings(None, {"database.url": settings.database_url, "send.from": "News <news@example.com>"})
     with api.open_session(settings.database_url) as session:
         campaign = api.create_campaign(session, title="May", subject="Hi", text="News", groups=["newsletter"])
     api.submit_job(settings, lambda s: api.queue_send(s, settings, campaign.id or 0, notifier="outbox").job)
