@@ -39,37 +39,42 @@ def run_send_job(url: str, job_id: int, progress: Progress | None = None) -> dic
         settings = load_settings(None)
     with open_session(url, write=False) as session:
         cid = int(get_job(session, job_id).args["campaign_id"])
-    if not _start(url, settings, cid):
+    if not _start(url, settings, cid) or not _write_ledger(url, cid):
         return {"campaign_id": cid, "skipped": 1}
-    _write_ledger(url, cid)
     return Send(url, settings, cid, progress).run()
 
 
 def _start(url: str, settings: Settings, cid: int) -> bool:
-    """scheduled -> sending (or paused `late`); whether there is anything to do."""
+    """A scheduled send starts (or is paused `late`); whether there is anything to do."""
     with open_session(url) as session:
         campaign = get_campaign(session, cid)
-        if campaign.status == CampaignStatus.SCHEDULED:
+        if campaign.status == CampaignStatus.SCHEDULED and campaign.started_at is None:
             late = campaign.scheduled_at is not None and utcnow() - campaign.scheduled_at > timedelta(
                 seconds=settings.send.max_delay
             )
             if late:
                 set_status(campaign, CampaignStatus.PAUSED, "late")
+                session.add(campaign)
                 log.warning("campaign %d: its scheduled start has passed by more than send.max_delay: paused", cid)
                 return False
-            set_status(campaign, CampaignStatus.SENDING, None)
-            campaign.started_at = campaign.started_at or utcnow()
-        session.add(campaign)
-        return campaign.status == CampaignStatus.SENDING
+            campaign.started_at = utcnow()
+            session.add(campaign)
+        return campaign.status in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING)
 
 
-def _write_ledger(url: str, cid: int) -> None:
-    """The ledger, a segment of recipient ids per transaction, going on after the last one committed."""
+def _write_ledger(url: str, cid: int) -> bool:
+    """The ledger, a segment of recipient ids per transaction, going on after the last one committed; the campaign
+    is `sending` once it is complete. False if the campaign was paused or cancelled meanwhile."""
     while True:
         with open_session(url) as session:
             campaign = get_campaign(session, cid)
+            if campaign.status not in (CampaignStatus.SCHEDULED, CampaignStatus.SENDING):
+                return False
             if campaign.ledger_done:
-                return
+                if campaign.status == CampaignStatus.SCHEDULED:
+                    set_status(campaign, CampaignStatus.SENDING, None)
+                    session.add(campaign)
+                return True
             low = campaign.ledger_through
             if low >= ledger.last_recipient_id(session):
                 campaign.ledger_done = True

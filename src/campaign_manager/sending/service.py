@@ -179,8 +179,8 @@ def resume(session: Session, ref: str | int) -> tuple[Campaign, Job]:
     campaign = get_campaign(session, ref)
     if campaign.status != CampaignStatus.PAUSED:
         raise Conflict(f"campaign {campaign.id} is {campaign.status}, not paused")
-    status = CampaignStatus.SENDING if campaign.started_at is not None else CampaignStatus.SCHEDULED
-    if status == CampaignStatus.SCHEDULED:
+    status = CampaignStatus.SENDING if campaign.ledger_done else CampaignStatus.SCHEDULED
+    if campaign.started_at is None:
         campaign.scheduled_at = utcnow()  # resumed now: no longer late
     set_status(campaign, status, None)
     session.add(campaign)
