@@ -37,12 +37,10 @@ from bench.report import Baseline, Figure, Target
 from bench.send import Sink, bench_campaign_send
 from campaign_manager.config import load_settings
 from campaign_manager.db import dispose_engines, open_session
-from campaign_manager.notifiers import Message
-from campaign_manager.sending import ledger
+from campaign_manager.notifiers import Message, Need
 from campaign_manager.sending.campaigns import get_campaign
-from campaign_manager.sending.render import Renderer
 from campaign_manager.sending.render import Target as RenderTarget
-from campaign_manager.sending.service import from_header
+from campaign_manager.sending.service import make_renderer
 
 RSS_TARGET_MB = 150.0
 MILLION = 1_000_000
@@ -232,17 +230,9 @@ def make_render(template: Template, config: Path) -> Callable[[int], Message]:
     try:
         with open_session(f"sqlite:///{template.path}", write=False) as session:
             campaign = get_campaign(session, template.campaign_id)
-            database_id, own_secret = ledger.identity(session)
+            renderer = make_renderer(session, settings, campaign, need=Need.EMAIL)
     finally:
         dispose_engines()
-    renderer = Renderer(
-        campaign,
-        from_header=from_header(settings, campaign),
-        database_id=database_id,
-        secrets=ledger.signing_secrets(settings, own_secret),
-        unsubscribe=settings.unsubscribe,
-        max_message_bytes=settings.send.max_message_bytes,
-    )
     with sqlite3.connect(template.path) as con:
         rows = con.execute("SELECT id, email, name, phone, attributes FROM recipient ORDER BY id").fetchall()
     targets = [

@@ -192,22 +192,27 @@ def opt_out(session: Session, who: Recipient | Address, *, reason: str | None, s
     return recipient, True
 
 
+def _change(
+    session: Session,
+    recipient: Recipient,
+    status: RecipientStatus,
+    action: ConsentAction,
+    *,
+    reason: str | None,
+    source: str,
+) -> None:
+    """A recipient's new status, and the consent event saying why."""
+    recipient.status, recipient.updated_at = status, utcnow()
+    _record(session, key=recipient.email_key, recipient_id=recipient.id, action=action, reason=reason, source=source)
+
+
 def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> bool:
     """The only way back to `active`. Returns whether anything changed."""
     limits.check("the reason", reason, limits.REASON)
     if recipient.status == RecipientStatus.ACTIVE:
         return False
-    now = utcnow()
-    recipient.status, recipient.opt_out_reason, recipient.opted_out_at = RecipientStatus.ACTIVE, None, None
-    recipient.updated_at = now
-    _record(
-        session,
-        key=recipient.email_key,
-        recipient_id=recipient.id,
-        action=ConsentAction.OPT_IN,
-        reason=reason,
-        source=source,
-    )
+    recipient.opt_out_reason, recipient.opted_out_at = None, None
+    _change(session, recipient, RecipientStatus.ACTIVE, ConsentAction.OPT_IN, reason=reason, source=source)
     return True
 
 
@@ -217,14 +222,8 @@ def bounce(session: Session, recipient_id: int, *, reason: str, source: str) -> 
     recipient = session.get(Recipient, recipient_id)
     if recipient is None or recipient.status != RecipientStatus.ACTIVE:
         return False
-    recipient.status, recipient.updated_at = RecipientStatus.BOUNCED, utcnow()
-    _record(
-        session,
-        key=recipient.email_key,
-        recipient_id=recipient.id,
-        action=ConsentAction.BOUNCE,
-        reason=reason[: limits.REASON],
-        source=source,
+    _change(
+        session, recipient, RecipientStatus.BOUNCED, ConsentAction.BOUNCE, reason=reason[: limits.REASON], source=source
     )
     return True
 
@@ -234,15 +233,7 @@ def clear_bounce(session: Session, recipient: Recipient, *, source: str) -> bool
     bounce was the server's mistake). Returns whether anything changed."""
     if recipient.status != RecipientStatus.BOUNCED:
         return False
-    recipient.status, recipient.updated_at = RecipientStatus.ACTIVE, utcnow()
-    _record(
-        session,
-        key=recipient.email_key,
-        recipient_id=recipient.id,
-        action=ConsentAction.CLEAR_BOUNCE,
-        reason=None,
-        source=source,
-    )
+    _change(session, recipient, RecipientStatus.ACTIVE, ConsentAction.CLEAR_BOUNCE, reason=None, source=source)
     return True
 
 

@@ -53,7 +53,6 @@ class Hooks:
 @dataclass
 class Totals:
     recorded: int = 0
-    sent: int = 0
     down: str | None = None  # the last NotifierDown's reason, while the notifier is down
     down_since: float | None = None
 
@@ -119,7 +118,6 @@ class Recorder:
                 self._writing = 0
                 self._room.set()
             self.totals.recorded += len(items)
-            self.totals.sent += sum(1 for _, r in items if r.outcome == "sent")
         self.hooks.progress(self.totals.recorded)
 
     async def ticking(self) -> None:

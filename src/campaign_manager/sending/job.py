@@ -16,7 +16,7 @@ from campaign_manager.jobs.records import Progress, create_job, get_job
 from campaign_manager.notifiers import Message, Need, Result, needs
 from campaign_manager.sending import engine, ledger
 from campaign_manager.sending.campaigns import get_campaign
-from campaign_manager.sending.service import KIND, from_header, resolve_notifier, set_status
+from campaign_manager.sending.service import KIND, make_renderer, resolve_notifier, set_status
 from campaign_manager.states import CampaignStatus
 from campaign_manager.tables.base import utcnow
 from campaign_manager.tables.sending import Campaign
@@ -95,26 +95,17 @@ class Send:
         self.signal = runner.defer_interrupts()
 
     def run(self) -> dict[str, Any]:
-        from campaign_manager.sending.render import Renderer, RenderError
+        from campaign_manager.sending.render import RenderError
 
         self.render_error = RenderError
         send = self.settings.send
         with open_session(self.url, kept=True) as session:
             campaign = get_campaign(session, self.cid)
-            database_id, own_secret = ledger.identity(session)
+            name, cls = resolve_notifier(self.settings, campaign.notifier)
+            self.need = needs(cls)
+            self.renderer = make_renderer(session, self.settings, campaign, need=self.need)
             self.total = sum(v for k, v in ledger.counts(session, self.cid).items() if k != "skipped")
-        name, cls = resolve_notifier(self.settings, campaign.notifier)
-        self.need = needs(cls)
         config = self.settings.notifiers[name]
-        self.renderer = Renderer(
-            campaign,
-            from_header=from_header(self.settings, campaign),
-            database_id=database_id,
-            secrets=ledger.signing_secrets(self.settings, own_secret),
-            unsubscribe=self.settings.unsubscribe,
-            max_message_bytes=send.max_message_bytes,
-            need=self.need,
-        )
         limits = [r for r in (getattr(config, "rate", 0) or 0, campaign.rate or 0) if r > 0]
         sender = engine.Sender(
             cls(config),

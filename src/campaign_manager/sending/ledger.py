@@ -194,15 +194,6 @@ def release(session: Session, token: str, delivery_ids: Sequence[int]) -> None:
         )
 
 
-def renew(session: Session, token: str, campaign_id: int, lease: float) -> None:
-    """Extend the lease of every delivery this run still holds."""
-    session.execute(
-        DELIVERY.update()
-        .where(DELIVERY.c.campaign_id == campaign_id, DELIVERY.c.claim_token == token)
-        .values(claimed_until=utcnow() + timedelta(seconds=lease))
-    )
-
-
 # ------------------------------------------------------------------------------------------------- recording
 
 

@@ -17,9 +17,8 @@ from campaign_manager.audience.addresses import parse_address
 from campaign_manager.audience.recipients import get_recipient
 from campaign_manager.errors import ConsentError, InvalidInput
 from campaign_manager.notifiers import Message, NotifierDown, Result, needs
-from campaign_manager.sending import ledger
 from campaign_manager.sending.campaigns import audience_query, get_campaign
-from campaign_manager.sending.service import check_campaign, from_header, resolve_notifier
+from campaign_manager.sending.service import check_campaign, make_renderer, resolve_notifier
 from campaign_manager.tables.audience import Recipient
 
 if TYPE_CHECKING:
@@ -44,22 +43,6 @@ def _sample(session: Session, campaign_id: int, recipient: str | None, *, to: st
     return Target(0, int(person.id or 0), to or person.email, person.name, person.phone, attributes)
 
 
-def _renderer(session: Session, settings: Settings, campaign: Any, need: Any, *, test: bool) -> Renderer:
-    from campaign_manager.sending.render import Renderer
-
-    database_id, own_secret = ledger.identity(session)
-    return Renderer(
-        campaign,
-        from_header=from_header(settings, campaign),
-        database_id=database_id,
-        secrets=ledger.signing_secrets(settings, own_secret),
-        unsubscribe=settings.unsubscribe,
-        max_message_bytes=settings.send.max_message_bytes,
-        need=need,
-        test=test,
-    )
-
-
 def preview(session: Session, settings: Settings, ref: str | int, *, recipient: str | None = None) -> Message:
     """The message the campaign would send the recipient (a sample when not named), rendered with a test token."""
     from campaign_manager.notifiers import Need
@@ -67,7 +50,7 @@ def preview(session: Session, settings: Settings, ref: str | int, *, recipient: 
     campaign = get_campaign(session, ref)
     check_campaign(settings, campaign)
     sample = _sample(session, int(campaign.id or 0), recipient)
-    return _render(_renderer(session, settings, campaign, Need.EMAIL, test=True), sample)
+    return _render(make_renderer(session, settings, campaign, need=Need.EMAIL, test=True), sample)
 
 
 def _render(renderer: Renderer, sample: Target) -> Message:
@@ -101,7 +84,7 @@ def send_test(
             f"{address.email} may not be mailed ({consent.skip_reason(None if held is None else held.status)})"
         )
     sample = _sample(session, int(campaign.id or 0), recipient, to=address.email)
-    message = _render(_renderer(session, settings, campaign, needs(cls), test=True), sample)
+    message = _render(make_renderer(session, settings, campaign, need=needs(cls), test=True), sample)
     return name, asyncio.run(_send_one(cls(settings.notifiers[name]), message))
 
 

@@ -19,7 +19,7 @@ from campaign_manager.audience import consent
 from campaign_manager.db import open_session
 from campaign_manager.errors import ConfigError, Conflict, InvalidInput
 from campaign_manager.jobs.records import create_job
-from campaign_manager.notifiers import load_errors, load_notifiers
+from campaign_manager.notifiers import Need, load_errors, load_notifiers
 from campaign_manager.sending import ledger
 from campaign_manager.sending.campaigns import get_campaign
 from campaign_manager.states import CampaignStatus
@@ -29,6 +29,7 @@ from campaign_manager.tables.sending import Campaign
 
 if TYPE_CHECKING:
     from campaign_manager.config import Settings
+    from campaign_manager.sending.render import Renderer
 
 KIND = "send"
 log = logging.getLogger("campaign_manager.send")
@@ -85,6 +86,26 @@ def check_campaign(settings: Settings, campaign: Campaign) -> None:
     from_header(settings, campaign)
     if settings.unsubscribe.url and "{token}" not in settings.unsubscribe.url:
         raise ConfigError("unsubscribe.url must contain {token}")
+
+
+def make_renderer(
+    session: Session, settings: Settings, campaign: Campaign, *, need: Need, test: bool = False
+) -> Renderer:
+    """The renderer of a campaign's messages, as the send job, a preview and a test copy all use it: its From, the
+    database's id (the idempotency keys) and the signing secrets (the unsubscribe tokens)."""
+    from campaign_manager.sending.render import Renderer
+
+    database_id, own_secret = ledger.identity(session)
+    return Renderer(
+        campaign,
+        from_header=from_header(settings, campaign),
+        database_id=database_id,
+        secrets=ledger.signing_secrets(settings, own_secret),
+        unsubscribe=settings.unsubscribe,
+        max_message_bytes=settings.send.max_message_bytes,
+        need=need,
+        test=test,
+    )
 
 
 def uses_unsubscribe_link(campaign: Campaign) -> bool:
@@ -148,12 +169,6 @@ def queue_send(
     job = create_job(session, KIND, {"campaign_id": cid})
     when = "" if at is None or at <= now else f" for {at.astimezone().isoformat(timespec='minutes')}"
     return Queued(job, f"queued the send of campaign {cid} through {name}{when} as job {job.id}")
-
-
-def job_eta(campaign: Campaign) -> datetime | None:
-    """When the send job's message should run (a scheduled send), None for now."""
-    when = campaign.scheduled_at
-    return when if when is not None and when > utcnow() else None
 
 
 # ------------------------------------------------------------------------------------ pause, resume, cancel
