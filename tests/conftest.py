@@ -27,6 +27,7 @@ import bigdb
 from campaign_manager import db
 from gateway_server import GatewayServer
 from queue_helpers import BACKENDS, QueueSetup, queue_setup
+from serve_process import serve_factory  # noqa: F401  (fixture: see the module)
 from smtp_server import smtp_server, smtp_server_factory, tls_certificate  # noqa: F401  (fixtures: see the module)
 from smtp_sink import smtp_sink_factory  # noqa: F401  (fixture: see the module)
 

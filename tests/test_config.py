@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from campaign_manager import config
+from campaign_manager.keys import toml_value
 from conftest import Run, assert_error
 
 Cm = Callable[..., Run]
@@ -201,6 +202,16 @@ KEY_VALUES: dict[str, Any] = {
     "unsubscribe.mailto": "unsubscribe@example.org",
     "unsubscribe.url": "https://example.org/u/{token}",
     "unsubscribe.secret": "s3cret",
+    "unsubscribe.old_secrets": ("old-1", "old-2"),
+    "serve.host": "0.0.0.0",
+    "serve.port": 8080,
+    "serve.base_url": "https://lists.example.org",
+    "serve.templates": "pages",
+    "serve.double_opt_in": False,
+    "serve.confirm_days": 3,
+    "serve.subscribe_rate": 2,
+    "serve.trusted_proxies": ("127.0.0.1", "10.0.0.0/8"),
+    "serve.api_token": "api-s3cret",
 }
 
 
@@ -214,14 +225,16 @@ def test_every_key_from_file_and_env(
 ) -> None:
     env_name = str(config.KEYS[key].env)
     table, name = key.split(".")
-    toml_value = f'"{value}"' if isinstance(value, str) else repr(value)
-    _write(tmp_path / "campaign.toml", f"[{table}]\n{name} = {toml_value}\n")
+    _write(tmp_path / "campaign.toml", f"[{table}]\n{name} = {toml_value(value)}\n")
+    (tmp_path / "pages").mkdir(exist_ok=True)
+    shown = config.mask(key, value)
+    expected = [*shown] if isinstance(shown, tuple) else str(tmp_path / shown) if key == "serve.templates" else shown
     from_file = _show(cm_bare)["settings"][key]
-    assert from_file["value"] == config.mask(key, value)
+    assert from_file["value"] == expected
     assert from_file["source"].startswith("file ")
-    monkeypatch.setenv(env_name, str(value))
+    monkeypatch.setenv(env_name, ",".join(value) if isinstance(value, tuple) else str(value))
     from_env = _show(cm_bare)["settings"][key]
-    assert from_env == {"value": config.mask(key, value), "source": f"env {env_name}"}
+    assert from_env == {"value": expected, "source": f"env {env_name}"}
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from campaign_manager.sections import (
     LogSettings,
     QueueSettings,
     SendSettings,
+    ServeSettings,
     UnsubscribeSettings,
     WorkerSettings,
 )
@@ -53,6 +54,7 @@ class Settings:
     log: LogSettings
     send: SendSettings
     unsubscribe: UnsubscribeSettings
+    serve: ServeSettings
     # dotted key -> where its value came from: "default", "file PATH", "env NAME", "flag".
     sources: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
@@ -204,6 +206,7 @@ def load_settings(config: str | None = None, flags: Mapping[str, Any] | None = N
         values["queue"]["url"] = default_queue_url(values["database"]["url"])
         sources["queue.url"] = "default (beside the database)"
     _check_log(values["log"], sources)
+    _serve_links(values, sources)
 
     settings = Settings(
         **{_attribute(table): build(cls, values[table]) for table, cls in SECTIONS.items()},
@@ -271,6 +274,19 @@ def _notifier_keys(settings: Settings) -> list[tuple[str, Key]]:
     return [(name, k) for name, config in settings.notifiers.items() for k in declared(type(config))]
 
 
+def _serve_links(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
+    """`serve.base_url` gives the one-click link its default (`{base}/u/{token}`), and must be an http(s) URL."""
+    base = values["serve"]["base_url"].strip().rstrip("/")
+    if not base:
+        return
+    if not base.lower().startswith(("https://", "http://")) or any(c in base for c in " <>\"'{}"):
+        raise ConfigError(f"serve.base_url {base!r} is not an http(s) URL", hint='e.g. "https://lists.example.com"')
+    values["serve"]["base_url"] = base
+    if not values["unsubscribe"]["url"]:
+        values["unsubscribe"]["url"] = base + "/u/{token}"
+        sources["unsubscribe.url"] = f"serve.base_url ({sources['serve.base_url']})"
+
+
 def default_queue_url(database_url: str) -> str:
     """SQLite databases get a queue file beside them; a PostgreSQL database holds the queue's tables itself."""
     if database_url.startswith("sqlite:///"):
@@ -286,7 +302,7 @@ SECRET_WORDS = ("password", "secret", "token")
 def mask(name: str, value: Any, *, secret: bool = False) -> Any:
     """Hide passwords: whole values of declared secrets (and of keys named like one), and the password part of
     URLs."""
-    if value is None or value == "":
+    if value is None or value == "" or (isinstance(value, list | tuple) and not value):
         return value  # nothing to hide
     if secret or any(word in name.rsplit(".", 1)[-1] for word in SECRET_WORDS):
         return MASKED

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from campaign_manager.config import Settings
 
 # The newest migration in migrations/versions; a test checks it against Alembic's own idea of the head.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 # A module constant so that a test can play a newer cm release (a copy of these plus one more revision).
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000

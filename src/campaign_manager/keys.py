@@ -23,8 +23,9 @@ from typing import Annotated, Any, ForwardRef, NamedTuple, get_args, get_origin,
 
 from campaign_manager.errors import ConfigError
 
-# The types a key may have (optionally `| None`, for a key whose default is "not set").
-KINDS: tuple[type, ...] = (str, int, float, bool, Path)
+# The types a key may have (optionally `| None`, for a key whose default is "not set"); `tuple` is a list of
+# strings (`tuple[str, ...]`): a TOML array in the file, commas or spaces between items in the environment.
+KINDS: tuple[type, ...] = (str, int, float, bool, Path, tuple)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -65,7 +66,8 @@ class Key(NamedTuple):
 
     @property
     def type_name(self) -> str:
-        return {Path: "a path", bool: "true or false", int: "an integer", float: "a number"}.get(self.kind, "a string")
+        names = {Path: "a path", bool: "true or false", int: "an integer", float: "a number", tuple: "a list"}
+        return names.get(self.kind, "a string")
 
     def example_value(self) -> str:
         """The value line of campaign.toml.example (after `name = `)."""
@@ -129,7 +131,9 @@ def _kind(hint: Any, where: str) -> tuple[type, bool]:
     if args and NoneType in args and len(args) == 2:
         (inner,) = (a for a in args if a is not NoneType)
         return _kind(inner, where)[0], True
-    if hint not in KINDS:
+    if get_origin(hint) is tuple and get_args(hint) == (str, ...):
+        return tuple, False
+    if hint not in KINDS or hint is tuple:
         raise TypeError(f"{where}: a key's type must be one of {', '.join(k.__name__ for k in KINDS)} (or | None)")
     return hint, False
 
@@ -152,6 +156,10 @@ def coerce(k: Key, value: Any, *, name: str, source: str, base: Path | None = No
             return float(value)
         elif kind is str and text:
             return value
+        elif kind is tuple and text:
+            return tuple(item for item in value.replace(",", " ").split() if item)
+        elif kind is tuple and isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+            return tuple(value)
         elif kind is Path and text and value.strip():
             path = Path(value).expanduser()
             return (base / path).resolve() if base is not None and not path.is_absolute() else path
@@ -198,4 +206,6 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str | Path):
         return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     return repr(value)

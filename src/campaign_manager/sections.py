@@ -6,6 +6,7 @@ NamedTuples, and no `from __future__ import annotations`: every command loads th
 its annotations as objects costs a tenth of a frozen dataclass to define.
 """
 
+from pathlib import Path
 from typing import Annotated, NamedTuple
 
 from campaign_manager.keys import Key, declared, key
@@ -139,7 +140,8 @@ class UnsubscribeSettings(NamedTuple):
     url: Annotated[
         str,
         key(
-            "the one-click unsubscribe link; must contain {token} (`cm serve` answers it)",
+            "the one-click unsubscribe link; must contain {token} (`cm serve` answers it); not set while"
+            " serve.base_url is: {serve.base_url}/u/{token}",
             env="CM_UNSUBSCRIBE_URL",
             example='"https://example.com/u/{token}"',
         ),
@@ -149,6 +151,62 @@ class UnsubscribeSettings(NamedTuple):
         key(
             "signs the tokens; not set: a secret made for the database when it was created",
             env="CM_UNSUBSCRIBE_SECRET",
+            secret=True,
+        ),
+    ] = ""
+    old_secrets: Annotated[
+        tuple[str, ...],
+        key(
+            "secrets that signed earlier links: still accepted when a token is checked, never used to sign",
+            env="CM_UNSUBSCRIBE_OLD_SECRETS",
+            secret=True,
+        ),
+    ] = ()
+
+
+class ServeSettings(NamedTuple):
+    host: Annotated[str, key("the address `cm serve` listens on", env="CM_SERVE_HOST")] = "127.0.0.1"
+    port: Annotated[int, key("the port `cm serve` listens on", env="CM_SERVE_PORT")] = 8000
+    base_url: Annotated[
+        str,
+        key(
+            "the public https address of `cm serve`, as people reach it (links in messages are built on it)",
+            env="CM_SERVE_BASE_URL",
+            example='"https://lists.example.com"',
+        ),
+    ] = ""
+    templates: Annotated[
+        Path | None,
+        key(
+            "a folder of page and confirmation-message templates that replace the built-in ones of the same name",
+            env="CM_SERVE_TEMPLATES",
+            example='"pages"',
+        ),
+    ] = None
+    double_opt_in: Annotated[
+        bool,
+        key("a sign-up is active only once the person follows the link mailed to them", env="CM_SERVE_DOUBLE_OPT_IN"),
+    ] = True
+    confirm_days: Annotated[
+        int,
+        key("days a confirmation link works; unconfirmed sign-ups are deleted after them", env="CM_SERVE_CONFIRM_DAYS"),
+    ] = 7
+    subscribe_rate: Annotated[
+        int, key("sign-ups accepted per client IP address per hour", env="CM_SERVE_SUBSCRIBE_RATE")
+    ] = 10
+    trusted_proxies: Annotated[
+        tuple[str, ...],
+        key(
+            "proxies (addresses or networks) whose X-Forwarded-For gives the client's address",
+            env="CM_SERVE_TRUSTED_PROXIES",
+            example='["127.0.0.1", "::1"]',
+        ),
+    ] = ()
+    api_token: Annotated[
+        str,
+        key(
+            "the bearer token of the REST API; not set: the API and its docs are off",
+            env="CM_API_TOKEN",
             secret=True,
         ),
     ] = ""
@@ -165,6 +223,7 @@ SECTIONS: dict[str, type] = {
     "log": LogSettings,
     "send": SendSettings,
     "unsubscribe": UnsubscribeSettings,
+    "serve": ServeSettings,
 }
 # Every key of cm's own tables, by dotted name.
 KEYS: dict[str, Key] = {f"{table}.{k.name}": k for table, cls in SECTIONS.items() for k in declared(cls)}

@@ -16,6 +16,7 @@ class RecipientStatus(StrEnum):
     ACTIVE = "active"
     OPTED_OUT = "opted_out"
     BOUNCED = "bounced"  # a hard bounce (SMTP 5.1.x): never mailed again until `cm recipient update --clear-bounce`
+    PENDING = "pending"  # signed up through `cm serve`, not yet confirmed (double opt-in): never mailed a campaign
 
 
 class JobStatus(StrEnum):

@@ -27,6 +27,7 @@ NOUNS: dict[str, str] = {
     "plugins": "List notifier plugins.",
     "jobs": "List, inspect, cancel, retry and purge background jobs.",
     "worker": "Run queued jobs (imports, sends), for good or until the queue is empty.",
+    "serve": "Serve the unsubscribe and sign-up pages, and the REST API.",
 }
 
 _built: dict[str, Any] = {}

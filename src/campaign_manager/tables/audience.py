@@ -41,6 +41,8 @@ class Group(TableModel, table=True):
     # The name as it is matched: ignoring case, as emails are (computed in Python, which folds all of Unicode).
     name_key: str = Field(max_length=limits.GROUP_NAME, nullable=False, unique=True)
     description: str | None = Field(default=None)
+    # Offered on `cm serve`'s sign-up form (`cm group update G --public`).
+    public: bool = Field(default=False, nullable=False)
     created_at: datetime = created()
     updated_at: datetime = created()
 
@@ -66,7 +68,27 @@ class ConsentEvent(TableModel, table=True):
     action: str = Field(max_length=20, nullable=False)
     reason: str | None = Field(default=None)
     source: str = Field(max_length=100, nullable=False)
+    # The client's IP address, for the person's own consent given on `cm serve` (a confirmed sign-up, an undo);
+    # cleared by `forget`.
+    client_ip: str | None = Field(default=None, max_length=45)
     created_at: datetime = created()
+
+
+class Signup(TableModel, table=True):
+    """A sign-up on `cm serve`'s form, waiting for its confirmation (double opt-in). What the form asked for (a
+    name, a public group) is applied only when confirmed; unconfirmed ones are deleted after serve.confirm_days.
+    The client's address is kept only as a keyed hash (`client_key`), to count sign-ups per client."""
+
+    __tablename__ = "signup"
+    __table_args__: ClassVar[dict[str, Any]] = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True)
+    recipient_id: int = fk("recipient.id", ondelete="CASCADE", index=True)
+    group_id: int | None = fk("recipient_group.id", ondelete="SET NULL", nullable=True)
+    name: str | None = Field(default=None, max_length=limits.NAME)
+    client_key: str | None = Field(default=None, max_length=64, index=True)
+    created_at: datetime = created()
+    confirmed_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class Suppression(TableModel, table=True):

@@ -1,0 +1,87 @@
+"""The ASGI application of `cm serve` (uvicorn runs it; tests call it in-process or as a real `cm serve`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from campaign_manager import __version__
+from campaign_manager.errors import CmError
+from campaign_manager.serve import errors
+from campaign_manager.serve.clients import trusted_networks
+from campaign_manager.serve.views import Views
+
+if TYPE_CHECKING:
+    from campaign_manager.config import Settings
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The application over `settings`' database: the public pages always; the REST API, `/openapi.json` and
+    `/docs` only when `serve.api_token` is set."""
+    from campaign_manager.serve import pages, signup, unsubscribe
+
+    api_on = bool(settings.serve.api_token)
+    app = FastAPI(
+        title="cm",
+        version=__version__,
+        summary="Campaign Manager's REST API: recipients, groups, campaigns, sends and jobs.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if api_on else None,
+    )
+    app.state.settings = settings
+    app.state.views = Views(settings)
+    app.state.trusted = trusted_networks(settings.serve.trusted_proxies)
+    app.add_exception_handler(CmError, _cm_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.include_router(pages.router)
+    app.include_router(unsubscribe.router)
+    app.include_router(signup.router)
+    if api_on:
+        from campaign_manager.serve import rest
+
+        app.include_router(rest.router)
+        _offline_docs(app)
+    return app
+
+
+async def _cm_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CmError)
+    return JSONResponse(errors.body_of(exc), status_code=errors.status_of(exc))
+
+
+async def _invalid_body(request: Request, exc: Exception) -> JSONResponse:
+    """422 with one line: the first problem FastAPI found, and where (`body.email: value is not a valid email`)."""
+    assert isinstance(exc, RequestValidationError)
+    problems: list[Any] = list(exc.errors())
+    first = problems[0] if problems else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    message = str(first.get("msg", "invalid request")).replace("\n", " ")
+    detail = f"{where}: {message}" if where else message
+    if len(problems) > 1:
+        detail += f" (and {len(problems) - 1} more)"
+    return JSONResponse(errors.problem(detail, "invalid_input"), status_code=422)
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """`/docs`: Swagger UI from the files of the swagger-ui-bundle package, served here (no CDN: it works offline)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="cm API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )

@@ -1,0 +1,70 @@
+"""`cm serve` itself: it starts over a database, answers `/`, keeps the API off without a token, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cm_process
+from serve_process import ServeProcess
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_serve_answers_and_stops_cleanly(db_url: str, serve_factory: Callable[..., ServeProcess]) -> None:
+    server = serve_factory(db_url)
+    status, page = get(server.url + "/")
+    assert status == 200 and "unsubscribe link" in page
+    # No token configured: no API, no OpenAPI document, no docs.
+    assert get(server.url + "/openapi.json")[0] == 404
+    assert get(server.url + "/docs")[0] == 404
+    assert server.stop(signal.SIGINT) == 0
+    assert "Traceback" not in server.stderr()
+
+
+def test_api_token_turns_on_the_api_and_offline_docs(
+    sqlite_url: str, serve_factory: Callable[..., ServeProcess]
+) -> None:
+    server = serve_factory(sqlite_url, env={"CM_API_TOKEN": "t0ken"})
+    status, body = get(server.url + "/openapi.json")
+    assert status == 200 and json.loads(body)["info"]["title"] == "cm"
+    status, page = get(server.url + "/docs")
+    assert status == 200 and "/docs-assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert get(server.url + "/docs-assets/swagger-ui-bundle.js")[0] == 200
+
+
+def test_port_in_use_is_one_line(sqlite_url: str, tmp_path: Path, serve_factory: Callable[..., ServeProcess]) -> None:
+    server = serve_factory(sqlite_url)
+    port = server.url.rsplit(":", 1)[1]
+    done = run_cm_process(["--database", sqlite_url, "serve", "--port", port], env={}, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_missing_database_is_refused(tmp_path: Path) -> None:
+    missing = f"sqlite:///{tmp_path / 'nope.db'}"
+    done = run_cm_process(["--database", missing, "serve", "--port", "0"], env={}, cwd=tmp_path)
+    assert done.returncode == 6 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/8", "::1"])
+def test_trusted_proxy_entries_parse(entry: str) -> None:
+    from campaign_manager.serve.clients import client_ip, trusted_networks
+
+    networks = trusted_networks([entry])
+    peer = "10.1.2.3" if "." in entry else "::1"
+    assert client_ip(peer, "203.0.113.9, " + peer, networks) == "203.0.113.9"
+    assert client_ip("192.0.2.1", "203.0.113.9", networks) == "192.0.2.1"  # an untrusted peer's header is ignored
