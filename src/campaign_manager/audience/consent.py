@@ -9,7 +9,8 @@
 - A forgotten person is erased; only the SHA-256 of their email key is kept, in `suppression`, and an address
   with that hash can never be created, imported or mailed again. No other module reads or writes `suppression`,
   and no other module writes a recipient's status: new recipients are made by `new_recipient`.
-- Every opt-out, opt-in and erasure is appended to `consent_event` with its time, reason and source.
+- Every opt-out, opt-in and erasure is appended to `consent_event` with its time, reason and source (and the
+  client's IP address when the person acted on `cm serve`'s pages; `forget` clears it with the reasons).
 
 tests/test_consent_paths.py gives every write path an opted-out and a forgotten address, checks that no module
 but this one writes a status or reads `suppression`, and that `sql_may_add` and `may_add` agree.
@@ -150,10 +151,22 @@ def refuse_if_forgotten(session: Session, key: str) -> None:
 
 
 def _record(
-    session: Session, *, key: str, recipient_id: int | None, action: ConsentAction, reason: str | None, source: str
+    session: Session,
+    *,
+    key: str,
+    recipient_id: int | None,
+    action: ConsentAction,
+    reason: str | None,
+    source: str,
+    client_ip: str | None = None,
 ) -> ConsentEvent:
     event = ConsentEvent(
-        recipient_id=recipient_id, email_hash=email_hash(key), action=action, reason=reason, source=source
+        recipient_id=recipient_id,
+        email_hash=email_hash(key),
+        action=action,
+        reason=reason,
+        source=source,
+        client_ip=client_ip,
     )
     session.add(event)
     # Ids only: a log line outlives `forget`, so it must not hold the address.
@@ -166,10 +179,12 @@ def _record(
     return event
 
 
-def opt_out(session: Session, who: Recipient | Address, *, reason: str | None, source: str) -> tuple[Recipient, bool]:
+def opt_out(
+    session: Session, who: Recipient | Address, *, reason: str | None, source: str, client_ip: str | None = None
+) -> tuple[Recipient, bool]:
     """Opt a recipient, or an address (`addresses.parse_address`), out. An address no recipient holds is recorded as
     an opted-out recipient, so that a later create or import cannot mail it. Returns the recipient and whether
-    anything changed."""
+    anything changed. `client_ip`: the person's own address, when they opted out on `cm serve`'s page."""
     limits.check("the reason", reason, limits.REASON)
     if isinstance(who, Recipient):
         recipient: Recipient | None = who
@@ -188,7 +203,15 @@ def opt_out(session: Session, who: Recipient | Address, *, reason: str | None, s
     recipient.status, recipient.opt_out_reason, recipient.opted_out_at = RecipientStatus.OPTED_OUT, reason, now
     recipient.updated_at = now
     session.flush()
-    _record(session, key=key, recipient_id=recipient.id, action=ConsentAction.OPT_OUT, reason=reason, source=source)
+    _record(
+        session,
+        key=key,
+        recipient_id=recipient.id,
+        action=ConsentAction.OPT_OUT,
+        reason=reason,
+        source=source,
+        client_ip=client_ip,
+    )
     return recipient, True
 
 
@@ -200,19 +223,39 @@ def _change(
     *,
     reason: str | None,
     source: str,
+    client_ip: str | None = None,
 ) -> None:
     """A recipient's new status, and the consent event saying why."""
     recipient.status, recipient.updated_at = status, utcnow()
-    _record(session, key=recipient.email_key, recipient_id=recipient.id, action=action, reason=reason, source=source)
+    _record(
+        session,
+        key=recipient.email_key,
+        recipient_id=recipient.id,
+        action=action,
+        reason=reason,
+        source=source,
+        client_ip=client_ip,
+    )
 
 
-def opt_in(session: Session, recipient: Recipient, *, reason: str | None, source: str) -> bool:
-    """The only way back to `active`. Returns whether anything changed."""
+def opt_in(
+    session: Session, recipient: Recipient, *, reason: str | None, source: str, client_ip: str | None = None
+) -> bool:
+    """The only way back to `active`. Returns whether anything changed. `client_ip`: the person's own address,
+    when they gave their consent on `cm serve`'s pages."""
     limits.check("the reason", reason, limits.REASON)
     if recipient.status == RecipientStatus.ACTIVE:
         return False
     recipient.opt_out_reason, recipient.opted_out_at = None, None
-    _change(session, recipient, RecipientStatus.ACTIVE, ConsentAction.OPT_IN, reason=reason, source=source)
+    _change(
+        session,
+        recipient,
+        RecipientStatus.ACTIVE,
+        ConsentAction.OPT_IN,
+        reason=reason,
+        source=source,
+        client_ip=client_ip,
+    )
     return True
 
 
@@ -281,7 +324,7 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
     session.exec(
         update(ConsentEvent)
         .where(col(ConsentEvent.email_hash) == digest)
-        .values(reason=None)
+        .values(reason=None, client_ip=None)
         .execution_options(synchronize_session=False)
     )
     if already and recipient is None:
@@ -289,6 +332,16 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
     session.flush()
     _record(session, key=key, recipient_id=None, action=ConsentAction.FORGET, reason=None, source=source)
     return digest, True
+
+
+def latest_event(session: Session, recipient: Recipient) -> ConsentEvent | None:
+    """The person's latest consent event (an undo link works only while it is the opt-out it undoes)."""
+    return session.exec(
+        select(ConsentEvent)
+        .where(ConsentEvent.email_hash == email_hash(recipient.email_key))
+        .order_by(col(ConsentEvent.id).desc())
+        .limit(1)
+    ).first()
 
 
 def history(session: Session, recipient: Recipient) -> list[dict[str, Any]]:
