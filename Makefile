@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # postfix's smtp-sink, fetched once into .cache (scripts/smtp-sink.sh): the email notifier's tests and bench use it.
 SINK := .cache/postfix/usr/sbin/smtp-sink
+# Debian's chromium and its driver, for the browser tests (tests/browser.py); `make chromium` installs them if missing.
+CHROMIUM := /usr/bin/chromium /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint format bench example clean
+.PHONY: demo test lint format bench example clean chromium
 
 # The example plugin is installed as an outsider installs theirs, so its tests go through its entry point.
 $(STAMP): pyproject.toml examples/cm-sms-gateway/pyproject.toml
@@ -26,6 +29,15 @@ lint: $(STAMP)
 
 $(SINK):
 	bash scripts/smtp-sink.sh fetch
+
+# Nothing to do (and nothing printed) when both are there; otherwise one `apt-get update`, then the install.
+chromium:
+	@for f in $(CHROMIUM); do test -x $$f || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver; \
+	fi
 
 test: lint $(SINK)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ Examples:
   python -m bench --only startup       # just start-up
   python -m bench --only send          # the email notifier, then a campaign to 100,000 and one to 1,000,000
   python -m bench --only send --no-send-million   # the same without the 1,000,000 (which takes minutes)
+  python -m bench --only serve         # cm serve's latency, 50 clients, 1,000,000 recipients, SQLite and PostgreSQL
   python -m bench --quick              # small sizes, a smoke run of every benchmark in well under a minute
   python -m bench --only sqlite --rows 200000
 """
@@ -22,12 +23,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import campaign, imports, listing, proc, send, startup
+from bench import campaign, imports, listing, proc, send, serve, startup
 from bench.gen import Dataset, ensure_dataset
 from bench.imports import Bench
 from bench.report import Report
 
-BENCHMARKS = ("startup", "wait", "sqlite", "postgres", "listing", "send")
+BENCHMARKS = ("startup", "wait", "sqlite", "postgres", "listing", "send", "serve")
 ALIASES = {"import": ("wait", "sqlite", "postgres"), "all": BENCHMARKS}
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     send_messages = args.rows or (2_000 if args.quick else 100_000)
     campaign_recipients = args.rows or (1_000 if args.quick else 100_000)
     send_million = not args.quick if args.send_million is None else args.send_million
+    serve_rows = args.rows or (50_000 if args.quick else 1_000_000)
+    serve_seconds = args.serve_seconds or (2 if args.quick else 10)
+    serve_rounds = args.serve_rounds or (1 if args.quick else 3)
 
     report = Report()
     _print_header(
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         send_messages=send_messages,
         campaign_recipients=campaign_recipients,
         send_million=send_million,
+        serve_rows=serve_rows,
         runs=runs,
         quick=args.quick,
     )
@@ -71,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             "sqlite": lambda: imports.bench_queued_sqlite(bench, dataset(queued_rows)),
             "postgres": lambda: imports.bench_queued_postgres(bench, dataset(queued_rows), server_url=args.postgres),
             "listing": lambda: listing.bench_listing(bench, rows=listing_rows, server_url=args.postgres),
+            "serve": lambda: serve.bench_serve(
+                bench, rows=serve_rows, seconds=serve_seconds, rounds=serve_rounds, server_url=args.postgres
+            ),
         }
 
         def send_step() -> None:
@@ -108,13 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rows",
         type=int,
-        help="rows for every import benchmark, recipients for the listing, messages and campaign recipients for "
-        "send (default 1,000,000; 100,000 for the --wait import and send)",
+        help="rows for every import benchmark, recipients for the listing and serve, messages and campaign recipients "
+        "for send (default 1,000,000; 100,000 for the --wait import and send)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and fewer runs, for a smoke run")
     parser.add_argument("--runs", type=int, help="start-up runs per command (default 21, 7 with --quick)")
     parser.add_argument("--send-rounds", type=int, default=3, help="interleaved rounds of the send benchmark (3)")
     parser.add_argument("--connections", type=int, default=8, help="SMTP connections of the send benchmark (8)")
+    parser.add_argument("--serve-seconds", type=int, help="seconds of each serve run (default 10, 2 with --quick)")
+    parser.add_argument(
+        "--serve-rounds", type=int, help="interleaved rounds of the serve benchmark (3, 1 with --quick)"
+    )
     parser.add_argument(
         "--send-million",
         action=argparse.BooleanOptionalAction,
@@ -156,6 +168,7 @@ def _print_header(
     send_messages: int,
     campaign_recipients: int,
     send_million: bool,
+    serve_rows: int,
     runs: int,
     quick: bool,
 ) -> None:
@@ -169,6 +182,7 @@ def _print_header(
     if "send" in selected:
         million = f", {campaign.MILLION:,} for the peak RSS" if send_million else ""
         sizes += [f"send {send_messages:,} messages, a campaign to {campaign_recipients:,}{million}"]
+    sizes += [f"serve {serve_rows:,} recipients"] if "serve" in selected else []
     print(f"   sizes: {', '.join(sizes)}")
     print("   ratio = figure / baseline; the baselines are measured in this same run, next to the figure")
     busy = _busy()

@@ -42,8 +42,8 @@ def _fill_statements(rows: int, *, postgres: bool) -> list[str]:
     now = f"'{STAMP}+00'::timestamptz" if postgres else f"'{STAMP}'"
     out = f"i % {OPTED_OUT_EVERY} = 0"
     return [
-        "INSERT INTO recipient_group (id, name, name_key, created_at, updated_at)"
-        f" VALUES (1, 'bench', 'bench', {now}, {now})",
+        "INSERT INTO recipient_group (id, name, name_key, public, created_at, updated_at)"
+        f" VALUES (1, 'bench', 'bench', false, {now}, {now})",
         f"INSERT INTO recipient (id, email, email_key, name, attributes, status, opt_out_reason, opted_out_at,"
         f" created_at, updated_at) {seq} SELECT i, 'user' || {pad} || '@example.com', 'user' || {pad} ||"
         f" '@example.com', 'Person ' || {pad}, {attrs}, CASE WHEN {out} THEN 'opted_out' ELSE 'active' END,"
