@@ -20,21 +20,16 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
-from sqlmodel import Session
 
 from campaign_manager.sending import unsubscribe
 from campaign_manager.sending.tokens import BadToken
-from campaign_manager.serve.deps import client_of, session, settings_of, views_of
+from campaign_manager.serve.deps import Db, client_of, settings_of, views_of
 from campaign_manager.serve.views import mask_address
 from campaign_manager.states import RecipientStatus
 from campaign_manager.tables.audience import Recipient
 
 router = APIRouter(include_in_schema=False)
 
-# Committed before the answer goes out (FastAPI's default ends a `yield` dependency after the response is sent):
-# a 200 must mean the opt-out is stored, and a failed commit must reach the client as an error.
-Db = Annotated[Session, Depends(session, scope="function")]
-HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
 FORM_BYTES = 4096  # the button's form is a few bytes; a mail provider's body a few dozen: read no more
 ONE_CLICK, WEB = "one-click", "web"
 
@@ -58,7 +53,7 @@ async def _source(request: Request) -> str:
 
 
 def _page(request: Request, name: str, *, status: int = 200, **values: Any) -> HTMLResponse:
-    return HTMLResponse(views_of(request).render(name, **values), status_code=status, headers=HEADERS)
+    return HTMLResponse(views_of(request).render(name, **values), status_code=status)
 
 
 def _masked(recipient: Recipient | None) -> str | None:
