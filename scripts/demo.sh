@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CM="$PWD/.venv/bin/cm"
+CM_PYTHON="$PWD/.venv/bin/python"
 workdir="$(mktemp -d)"
 trap 'rm -rf "$workdir"' EXIT
 # Every cm below uses this database (and no config file from here or from ~/.config).
@@ -65,13 +66,18 @@ step jobs show 1
 step jobs show 1 --rejects
 step group show newsletter
 
-# Sending: the messages go to a folder (the outbox notifier), named explicitly: cm has no default notifier.
-cat >campaign.toml <<'TOML'
+# Sending: the messages go to a folder (the outbox notifier), named explicitly: cm has no default notifier. Their
+# unsubscribe links point at `cm serve` (serve.base_url), started further down.
+port="$("$CM_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+cat >campaign.toml <<TOML
 [send]
 from = "News <news@example.com>"
 
 [unsubscribe]
 mailto = "unsubscribe@example.com"
+
+[serve]
+base_url = "http://127.0.0.1:$port"
 
 [notifiers.outbox]
 path = "outbox"
@@ -84,3 +90,31 @@ step campaign deliveries 1
 step campaign send 1
 printf '\n%s$ ls outbox%s\n' "$bold" "$plain"
 ls outbox
+
+# `cm serve` answers the links: a mail provider's one-click unsubscribe is a POST of List-Unsubscribe=One-Click.
+printf '\n%s$ cm serve --port %s &%s\n' "$bold" "$port" "$plain"
+"$CM" serve --port "$port" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$workdir"' EXIT
+"$CM_PYTHON" - "$port" <<'PY'
+import email, pathlib, re, sys, time, urllib.request
+
+port = sys.argv[1]
+for _ in range(200):  # wait for the server
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.05)
+for eml in sorted(pathlib.Path("outbox").glob("*.eml")):
+    message = email.message_from_bytes(eml.read_bytes())
+    if "katherine@" in message["To"]:
+        link = re.search(r"<(https?://[^>]+)>", message["List-Unsubscribe"]).group(1)
+        print(f"$ curl -X POST -d List-Unsubscribe=One-Click {link[:60]}...")
+        request = urllib.request.Request(link, data=b"List-Unsubscribe=One-Click", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            print(answer.status, answer.reason)
+PY
+step recipient show katherine@example.com
+kill -TERM "$server"
+wait "$server" || { echo "cm serve exited $?" >&2; exit 1; }

@@ -68,3 +68,17 @@ def test_trusted_proxy_entries_parse(entry: str) -> None:
     peer = "10.1.2.3" if "." in entry else "::1"
     assert client_ip(peer, "203.0.113.9, " + peer, networks) == "203.0.113.9"
     assert client_ip("192.0.2.1", "203.0.113.9", networks) == "192.0.2.1"  # an untrusted peer's header is ignored
+
+
+def test_every_answer_is_private(sqlite_url: str, serve_factory: Callable[..., ServeProcess]) -> None:
+    """Pages, FastAPI's own errors (a 405, a 404) and the API alike: no-store, no-referrer, noindex."""
+    server = serve_factory(sqlite_url, env={"CM_API_TOKEN": "t0ken"})
+    for path in ("/", "/undo/" + "A" * 44, "/nowhere", "/openapi.json"):
+        try:
+            with urllib.request.urlopen(server.url + path, timeout=10) as answer:
+                headers = answer.headers
+        except urllib.error.HTTPError as exc:
+            headers = exc.headers
+        assert headers["Cache-Control"] == "no-store", path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+        assert headers["X-Robots-Tag"] == "noindex", path

@@ -41,7 +41,7 @@ _CAMPAIGN_LINKS = sa.table("campaign_recipient", sa.column("recipient_id"))
 # Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable).
 # Later paths (an authenticated API opt-in, the person's own signed undo, a confirmed double opt-in) are added
 # here, and each calls `opt_in` or `opt_in_forgotten`.
-REACTIVATION_PATHS = ("cm recipient opt-in",)
+REACTIVATION_PATHS = ("cm recipient opt-in", "cm serve undo (web-undo)")
 
 # Why an address may not be added (what `may_add` returns; `cm group add-recipients` shows it).
 FORGOTTEN_REASON, OPTED_OUT_REASON, BOUNCED_REASON = "forgotten on request", "opted out", "bounced"

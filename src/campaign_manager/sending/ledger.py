@@ -77,9 +77,17 @@ def identity(session: Session) -> tuple[str, bytes]:
 
 def signing_secrets(settings: Settings, own: bytes) -> list[bytes]:
     """The secrets tokens are checked against, the signing one first: `unsubscribe.secret` when set, then the
-    database's own (`own`, from `identity`): setting the key later breaks no link already sent."""
-    configured = settings.unsubscribe.secret.encode() if settings.unsubscribe.secret else None
-    return [configured, own] if configured else [own]
+    database's own (`own`, from `identity`): setting the key later breaks no link already sent. Then
+    `unsubscribe.old_secrets`, the secrets of a rotation: they only check, never sign, so they always come after."""
+    found: list[bytes] = []
+    for secret in (
+        settings.unsubscribe.secret.encode(),
+        own,
+        *(old.encode() for old in settings.unsubscribe.old_secrets),
+    ):
+        if secret and secret not in found:
+            found.append(secret)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ writing it

@@ -18,6 +18,32 @@ if TYPE_CHECKING:
     from campaign_manager.config import Settings
 
 DOCS_ASSETS = "/docs-assets"
+# On every answer, pages, errors and API alike: a URL may hold a token, and no answer is for a cache, another site or
+# a search engine.
+PRIVATE_HEADERS = [(b"cache-control", b"no-store"), (b"referrer-policy", b"no-referrer"), (b"x-robots-tag", b"noindex")]
+
+
+class PrivateHeaders:
+    """Pure ASGI middleware adding PRIVATE_HEADERS where a response has not set them (cheaper per request than
+    Starlette's BaseHTTPMiddleware, which runs the app in a task of its own)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(DOCS_ASSETS):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in PRIVATE_HEADERS if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -39,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.trusted = trusted_networks(settings.serve.trusted_proxies)
     app.add_exception_handler(CmError, _cm_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_middleware(PrivateHeaders)
     app.include_router(pages.router)
     app.include_router(unsubscribe.router)
     app.include_router(signup.router)

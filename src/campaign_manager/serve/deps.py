@@ -4,9 +4,9 @@ normally), the client's IP address."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlmodel import Session
 
 from campaign_manager.db import open_session
@@ -28,6 +28,12 @@ def views_of(request: Request) -> Views:
 def session(request: Request) -> Iterator[Session]:
     with open_session(settings_of(request).database_url) as opened:
         yield opened
+
+
+# What a route takes to use the database. `scope="function"`: the session commits when the route returns, before the
+# answer is sent (FastAPI's default runs a dependency's exit after the response): a 200 means the change is stored,
+# and a failed commit reaches the error handler (503) instead of being lost after a 200.
+Db = Annotated[Session, Depends(session, scope="function")]
 
 
 def client_of(request: Request) -> str | None:
