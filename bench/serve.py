@@ -16,7 +16,8 @@ and of the one-click unsubscribe, with 50 concurrent keep-alive clients on loopb
 
 Nothing counts unless checked: before the runs each URL is fetched once (200, and 100 recipients from the right
 part of the table for the listings); any error or non-2xx answer during a run fails the run; and afterwards the
-database must hold exactly one more opted-out recipient per one-click POST answered.
+database must hold one more opted-out recipient per one-click POST answered (and at most one more per client and
+run: wrk does not count the answers still in flight when it stops).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def _run(
             rss = server.peak_rss_mb()
         posted = checked + sum(s.requests for s in samples[cases[-1].name])
         gained = _opted_out(database) - opted_out
-        if gained != posted:
+        # wrk counts the answers within its time; those in flight when it stops (one a client at most) are not.
+        if not posted <= gained <= posted + CLIENTS * runs:
             raise RuntimeError(f"{posted:,} one-click POSTs answered, but {gained:,} more recipients opted out")
     except Exception as exc:  # a failed run: say so, keep the other benchmarks going
         report.note(f"failed: {type(exc).__name__}: {exc}")
@@ -196,7 +198,8 @@ def _run(
             )
     report.table(figures)
     report.note(
-        f"checked: every answer 2xx, {posted:,} one-click POSTs opted out {gained:,} recipients; cm serve's peak RSS"
+        f"checked: every answer 2xx; {posted:,} one-click POSTs answered in time, {gained:,} recipients opted out;"
+        f" cm serve's peak RSS"
         f" {rss:.0f} MB"
     )
 

@@ -72,6 +72,13 @@ class Browser:
         WebDriverWait(self.driver, WAIT_SECONDS).until(expected_conditions.staleness_of(old))
         self.page()
 
+    def submit(self) -> None:
+        """Press the page's one submit button (whatever it says), then as `click`."""
+        buttons = self.driver.find_elements(By.CSS_SELECTOR, "form button:not([type=button]), input[type=submit]")
+        visible = [b for b in buttons if b.is_displayed()]
+        assert len(visible) == 1, f"{len(visible)} submit buttons on {self.driver.current_url}: {self.text()}"
+        self.click(visible[0].text or visible[0].get_attribute("value") or "")
+
     def element(self, text: str) -> WebElement:
         """The one button, submit input or link whose visible text (or value) is `text`."""
         found = [
