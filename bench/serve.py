@@ -14,10 +14,10 @@ and of the one-click unsubscribe, with 50 concurrent keep-alive clients on loopb
   of the rounds. wrk's latencies are those of a closed loop: each client sends its next request when the last is
   answered.
 
-Nothing counts unless checked: before the runs each URL is fetched once (200, and 100 recipients from the right
-part of the table for the listings); any error or non-2xx answer during a run fails the run; and afterwards the
-database must hold one more opted-out recipient per one-click POST answered (and at most one more per client and
-run: wrk does not count the answers still in flight when it stops).
+Nothing counts unless checked: before the runs each URL is fetched once (200; for the listings, 100 recipients from
+the right part of the table and a Link rel=next); any error or non-2xx answer during a run fails the run; and
+afterwards the database must hold one more opted-out recipient per one-click POST answered (and at most one more per
+client and run: wrk does not count the answers still in flight when it stops).
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def _check(url: str, case: Case, rows: int, token: str) -> None:
         request = urllib.request.Request(url + case.path, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
-            status, body = answer.status, answer.read()
+            status, body, link = answer.status, answer.read(), answer.headers.get("Link", "")
     except HTTPError as exc:
         raise RuntimeError(f"{case.name}: HTTP {exc.code}: {exc.read()[:200]!r}") from None
     if status // 100 != 2:
@@ -292,6 +292,8 @@ def _check(url: str, case: Case, rows: int, token: str) -> None:
         deep = "after=" in case.path
         if len(items) != PAGE or (deep and first <= rows - 1_000) or (not deep and first != 1):
             raise RuntimeError(f"{case.name}: {len(items)} recipients from id {first}, not {PAGE}")
+        if 'rel="next"' not in link:
+            raise RuntimeError(f"{case.name}: no Link rel=next header: {link!r}")
 
 
 def _opted_out(database: str) -> int:
