@@ -60,8 +60,8 @@ class Selection:
         where: list[ColumnElement[bool]] = [] if after is None else [_RECIPIENTS.c.id > after]
         if self.status == RecipientStatus.ACTIVE:
             where.append(consent.mailable())
-        elif self.status == RecipientStatus.OPTED_OUT:
-            where.append(_RECIPIENTS.c.status == RecipientStatus.OPTED_OUT)
+        elif self.status is not None:
+            where.append(_RECIPIENTS.c.status == self.status)
         if self.group_id is not None:
             # EXISTS rather than a join, so that a page is still one row per recipient. The page's start is said
             # again for group_member: PostgreSQL does not carry `recipient.id > after` over to it, and merging

@@ -28,6 +28,7 @@ Handler = Callable[[str, int, Progress], dict[str, Any]]
 HANDLERS: dict[str, str] = {
     "import": "campaign_manager.imports.service:run_import_job",
     "send": "campaign_manager.sending.job:run_send_job",
+    "confirm": "campaign_manager.sending.confirmations:run_confirm_job",  # a sign-up's confirmation message
 }
 
 
