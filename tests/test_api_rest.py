@@ -303,6 +303,7 @@ def test_groups(rest: Api) -> None:
     assert changed["name"] == "Updated VIP Customers" and changed["description"] is None
     problem(rest.patch(f"/groups/{made['id']}", {"name": "OTHER"}), 409, "conflict")
     problem(rest.patch("/groups/999", {"name": "x"}), 404, "not_found", "no group")
+    problem(rest.get("/groups/999"), 404, "not_found", "no group")
     assert ok(rest.get(f"/groups/{other['id']}")) == other
     assert [g["id"] for g in ok(rest.get("/groups/"))] == [made["id"], other["id"]]
     assert _walk(rest, "/groups/?limit=1") == ([made["id"], other["id"]], 2)
@@ -363,6 +364,8 @@ def test_a_campaign_without_addresses_is_created_at_once(rest: Api) -> None:
     problem(rest.post("/campaigns/", {"title": "T", "message": "{{ broken"}), 400, "invalid_input")
     problem(rest.post("/campaigns/", {"title": "T", "message": "M", "group_ids": [999]}), 404, "not_found")
     problem(rest.post("/campaigns/", {"title": "T", "message": ""}), 422, "invalid_input", "body.message")
+    nul = {"title": "T", "message": "M", "recipient_emails": ["a@example.com", "b\x00@example.com"]}
+    problem(rest.post("/campaigns/", nul), 422, "invalid_input", "recipient_emails.1", "NUL")
     problem(rest.get("/campaigns/999"), 404, "not_found", "no campaign")
     assert rest.rows("SELECT count(*) FROM campaign") == [(1,)]
 
@@ -432,6 +435,9 @@ def test_sending_is_queued_and_the_ledger_is_readable(rest: Api, db_url: str) ->
     problem(sender.get("/campaigns/999/deliveries"), 404, "not_found")
     again = ok(sender.post("/campaigns/send", {"campaign_id": cid}), 200)  # sent: nothing new, nothing queued
     assert again["job"] is None and "nothing new" in again["message"]
+    other = ok(sender.post("/campaigns/", {"title": "U", "message": "Hi", "group_ids": [group]}), 201)["id"]
+    api.cancel(db_url, other)
+    problem(sender.post("/campaigns/send", {"campaign_id": other}), 409, "conflict", "cancelled")
 
 
 def test_a_send_at_a_later_time_is_scheduled(rest: Api, db_url: str) -> None:
@@ -488,6 +494,13 @@ def test_an_upload_into_a_campaign(rest: Api) -> None:
         ({"group": "news"}, b"email\x00\x01\x02\n\x00\x00", 400, "invalid_input", "binary"),
         ({"group": "news"}, b"", 400, "invalid_input", "empty"),
         ({"group": "news", "encoding": "klingon"}, b"email\na@example.com\n", 400, "invalid_input", "encoding"),
+        (
+            {"group": "news", "encoding": "rot13"},
+            b"email\na@example.com\n",
+            400,
+            "invalid_input",
+            "not a text encoding",
+        ),
         ({"group": "news", "campaign_id": "zero"}, b"email\n", 422, "invalid_input", "campaign_id"),
     ],
 )

@@ -49,6 +49,12 @@ def _utc(value: datetime) -> datetime:
     return utc
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise PydanticCustomError("nul", "an address cannot hold a NUL character")
+    return value
+
+
 def _at_most(limit: int) -> Any:
     """A list bound counted before each address is looked at, so that an oversized list costs nothing, and that
     says what to do instead."""
@@ -72,7 +78,9 @@ Email = Annotated[
 ]
 # Addresses of a list are checked one by one by the services, which report an invalid one rather than refuse all.
 EmailItem = Annotated[str, Field(max_length=limits.EMAIL)]
-Emails = Annotated[list[EmailItem], _at_most(MAX_EMAILS), Field(json_schema_extra={"maxItems": MAX_EMAILS})]
+# A new campaign's addresses are imported as the rows of a file, where a NUL would make the whole file binary.
+ImportedEmail = Annotated[EmailItem, AfterValidator(_no_nul)]
+Emails = Annotated[list[ImportedEmail], _at_most(MAX_EMAILS), Field(json_schema_extra={"maxItems": MAX_EMAILS})]
 GroupEmails = Annotated[
     list[EmailItem], _at_most(MAX_GROUP_EMAILS), Field(json_schema_extra={"maxItems": MAX_GROUP_EMAILS})
 ]
