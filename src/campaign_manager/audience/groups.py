@@ -128,6 +128,21 @@ def describe_all_groups(session: Session) -> list[dict[str, Any]]:
     return [_describe(*row, counts) for row in rows]
 
 
+def groups_page(session: Session, *, after: int = 0, limit: int) -> list[dict[str, Any]]:
+    """One page of groups as `describe_groups` gives them (the REST API's listing): ids above `after`, by id, at most
+    `limit`; the counts cover only the page's id range."""
+    table = _GROUPS.c
+    query = (
+        select(table.id, table.name, table.description, table.created_at)
+        .where(table.id > after)
+        .order_by(table.id)
+        .limit(limit)
+    )
+    rows = session.connection().execute(query).all()
+    counts = _member_counts(session, None, between=(rows[0][0], rows[-1][0])) if rows else {}
+    return [_describe(*row, counts) for row in rows]
+
+
 def _describe(
     gid: int | None,
     name: str,
@@ -148,8 +163,11 @@ def _describe(
     }
 
 
-def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[int, int]]:
-    """group id -> (members, active members), for one group or (None) for all of them."""
+def _member_counts(
+    session: Session, group_id: int | None, *, between: tuple[int, int] | None = None
+) -> dict[int, tuple[int, int]]:
+    """group id -> (members, active members), for one group or (None) for all of them (`between`: those whose ids
+    are in that range)."""
     member, recipient = _MEMBERS.c, _RECIPIENTS.c
     query = (
         select(member.group_id, func.count(), func.count().filter(consent.mailable()))
@@ -158,4 +176,6 @@ def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[in
     )
     if group_id is not None:
         query = query.where(member.group_id == group_id)
+    if between is not None:
+        query = query.where(member.group_id.between(*between))
     return {gid: (total, active) for gid, total, active in session.connection().execute(query).all()}

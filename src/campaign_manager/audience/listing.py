@@ -130,6 +130,38 @@ def iter_recipients(session: Session, selection: Selection, *, page_rows: int = 
             return
 
 
+def recipients_page(
+    session: Session, *, status: str | None = None, group_id: int | None = None, after: int = 0, limit: int
+) -> list[dict[str, Any]]:
+    """One page of recipients as `describe` gives them (the REST API's listings): ids above `after`, by id, at most
+    `limit`; `status` ACTIVE: only mailable ones; `group_id` (checked by the caller): only that group's members. A
+    page costs the same at any depth: it walks the recipients' primary key from `after`, or for a group
+    group_member's (group_id, recipient_id) key, so a group that holds one recipient in a thousand is read no
+    further than its own members. No OFFSET, no count."""
+    columns = _listing_columns()
+    rid = _RECIPIENTS.c.id
+    if group_id is None:
+        query = select(*columns).where(rid > after).order_by(rid)
+    else:
+        # The page's start is said for both tables: PostgreSQL does not carry it over the join, and a merge join
+        # would otherwise read every recipient before it.
+        member = _MEMBERS.c.recipient_id
+        query = (
+            select(*columns)
+            .select_from(_MEMBERS.join(_RECIPIENTS, rid == member))
+            .where(_MEMBERS.c.group_id == group_id, member > after, rid > after)
+            .order_by(member)
+        )
+    if status == RecipientStatus.ACTIVE:
+        query = query.where(consent.mailable())
+    elif status is not None:
+        query = query.where(_RECIPIENTS.c.status == status)
+    connection = session.connection()
+    rows: Sequence[Any] = connection.execute(query.limit(limit)).fetchall()
+    names = _page_group_names(connection, [row[0] for row in rows]) if rows else {}
+    return [_describe_row(row, names.get(row[0], [])) for row in rows]
+
+
 def _listing_columns() -> list[Any]:
     """The columns a listing reads, as the driver hands them back (no SQLAlchemy type processing per cell:
     _describe_row converts them), the attributes as text on both backends: psycopg's own JSON loading costs four

@@ -94,6 +94,16 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int | None 
     return list(session.exec(query).all())
 
 
+def jobs_page(session: Session, *, status: str | None = None, after: int = 0, limit: int) -> list[Job]:
+    """One page of jobs (the REST API's listing): ids above `after`, oldest first, at most `limit`."""
+    query = select(Job).where(col(Job.id) > after).order_by(col(Job.id)).limit(limit)
+    if status is not None:
+        if status not in list(JobStatus):
+            raise InvalidInput(f"unknown job status {status!r}", hint=f"one of {', '.join(JobStatus)}")
+        query = query.where(Job.status == status)
+    return list(session.exec(query).all())
+
+
 def describe_job(job: Job) -> dict[str, Any]:
     """The job as `cm jobs` shows it (table and --json alike)."""
     return {
