@@ -67,9 +67,9 @@ def _statements(dialect: str, rows: int) -> list[str]:
     pad, attrs, now = _PAD[dialect], _JSON[dialect], _TIME[dialect]
     out = f"i % {OPTED_OUT_EVERY} = 0"
     return [
-        f"INSERT INTO recipient_group (id, name, name_key, description, created_at, updated_at)"
-        f" VALUES (1, '{EVERYONE}', '{EVERYONE.lower()}', 'all of them', {now}, {now}),"
-        f" (2, '{VIP}', '{VIP.lower()}', NULL, {now}, {now})",
+        f"INSERT INTO recipient_group (id, name, name_key, description, public, created_at, updated_at)"
+        f" VALUES (1, '{EVERYONE}', '{EVERYONE.lower()}', 'all of them', false, {now}, {now}),"
+        f" (2, '{VIP}', '{VIP.lower()}', NULL, false, {now}, {now})",
         f"INSERT INTO recipient (id, email, email_key, name, phone, attributes, status, opt_out_reason,"
         f" opted_out_at, created_at, updated_at) {seq}"
         f" SELECT i, 'user' || {pad} || '@example.com', 'user' || {pad} || '@example.com', 'Person ' || {pad},"

@@ -2,7 +2,12 @@
 
 - An address may be added (created if new, put in a group or a campaign's audience) only while it is neither
   forgotten nor held by a recipient who is not active (`may_add`; in SQL `sql_may_add`). An opted-out person stays
-  opted out: imports, creates and updates never reactivate anyone. Only the paths in REACTIVATION_PATHS do.
+  opted out: imports, creates and updates never reactivate anyone. Only the paths in REACTIVATION_PATHS do, and of
+  those only UNFORGET_PATHS bring back a forgotten address.
+- A `pending` recipient signed up on `cm serve`'s form and has not confirmed yet: never mailed, never in an
+  audience or an active count. Their confirmation makes them active (`sign_up`, which also reactivates an opted-out
+  person: their own new consent); so does an operator's create, add or import of the address (`admit`, in SQL
+  `SQL_ADMIT`), with a consent event saying so.
 - Only an active recipient is mailed (`mailable`, `may_mail`). A hard bounce (`bounce`) makes a recipient
   `bounced`: never mailed again until an operator clears it (`clear_bounce`, `cm recipient update --clear-bounce`).
   A campaign's ledger says why each recipient it skips is skipped (`skip_reason`, `sql_skip_reason`).
@@ -10,7 +15,8 @@
   with that hash can never be created, imported or mailed again. No other module reads or writes `suppression`,
   and no other module writes a recipient's status: new recipients are made by `new_recipient`.
 - Every opt-out, opt-in and erasure is appended to `consent_event` with its time, reason and source (and the
-  client's IP address when the person acted on `cm serve`'s pages; `forget` clears it with the reasons).
+  client's IP address when the person acted on `cm serve`'s pages; `forget` clears it with the reasons, and deletes
+  the person's sign-ups, which hold a keyed hash of it).
 
 tests/test_consent_paths.py gives every write path an opted-out and a forgotten address, checks that no module
 but this one writes a status or reads `suppression`, and that `sql_may_add` and `may_add` agree.
@@ -30,7 +36,7 @@ from campaign_manager.audience.address_keys import Address
 from campaign_manager.audience.address_keys import email_hash as email_hash  # the hash a forgotten address leaves
 from campaign_manager.errors import ConsentError
 from campaign_manager.states import ConsentAction, RecipientStatus
-from campaign_manager.tables.audience import ConsentEvent, GroupMember, Recipient, Suppression
+from campaign_manager.tables.audience import ConsentEvent, GroupMember, Recipient, Signup, Suppression
 from campaign_manager.tables.base import utcnow
 
 log = logging.getLogger(__name__)
@@ -38,22 +44,35 @@ log = logging.getLogger(__name__)
 # table's class would load the campaigns' tables into every command that asks the consent rules.
 _CAMPAIGN_LINKS = sa.table("campaign_recipient", sa.column("recipient_id"))
 
-# Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable).
-# Later paths (an authenticated API opt-in, the person's own signed undo, a confirmed double opt-in) are added
-# here, and each calls `opt_in` or `opt_in_forgotten`.
-REACTIVATION_PATHS = ("cm recipient opt-in", "cm serve undo (web-undo)")
+# The person's own confirmed sign-up (double opt-in on `cm serve`: `sign_up`): it makes an opted-out person active
+# again (their new consent, given through the link mailed to the address), never a forgotten one.
+CONFIRMED_SIGNUP = "cm serve sign-up confirmed"
+# Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable);
+# each calls `opt_in` or `opt_in_forgotten`: the operator's opt-in, the person's own signed undo on `cm serve`,
+# their confirmed sign-up.
+REACTIVATION_PATHS = ("cm recipient opt-in", "cm serve undo (web-undo)", CONFIRMED_SIGNUP)
+# The only paths that bring back a forgotten address (the person asked the operator): the others of
+# REACTIVATION_PATHS reactivate an opted-out person only.
+UNFORGET_PATHS = ("cm recipient opt-in",)
+# The source of the consent a sign-up form gives at once, when `serve.double_opt_in` is off.
+WEB_SIGNUP = "web-signup"
 
 # Why an address may not be added (what `may_add` returns; `cm group add-recipients` shows it).
 FORGOTTEN_REASON, OPTED_OUT_REASON, BOUNCED_REASON = "forgotten on request", "opted out", "bounced"
+_ADDABLE, _PENDING = (RecipientStatus.ACTIVE, RecipientStatus.PENDING), (RecipientStatus.PENDING,)
+PENDING_REASON = "not confirmed yet"  # why a pending recipient is not mailed (it may be added: see `admit`)
+# The reason of the event that says an operator's create, add or import made a pending recipient active.
+ADMITTED_REASON = "a pending sign-up, made active by the operator"
 
 
 def may_add(status: str | None, *, forgotten: bool) -> str | None:
     """May an address be added (created if new, linked to a group or a campaign's audience)? `status` is its
     recipient's (None: there is none yet). None when it may; otherwise the reason it may not. Nothing here
-    reactivates anyone: a recipient who is not active stays out."""
+    reactivates anyone: a recipient who is opted out or bounced stays out. A pending one may be added: the
+    operator's add makes it active (`admit`)."""
     if forgotten:
         return FORGOTTEN_REASON
-    if status is not None and status != RecipientStatus.ACTIVE:
+    if status is not None and status not in _ADDABLE:
         return skip_reason(status)
     return None
 
@@ -62,6 +81,8 @@ def skip_reason(status: str | None) -> str:
     """Why a recipient of this status (None: forgotten, the row is gone) is not mailed."""
     if status is None:
         return FORGOTTEN_REASON
+    if status == RecipientStatus.PENDING:
+        return PENDING_REASON
     return BOUNCED_REASON if status == RecipientStatus.BOUNCED else OPTED_OUT_REASON
 
 
@@ -69,7 +90,8 @@ def sql_skip_reason(status: str) -> str:
     """`skip_reason` in SQL, over an expression for the recipient's status (NULL when the row is gone)."""
     return (
         f"CASE WHEN {status} IS NULL THEN '{FORGOTTEN_REASON}' WHEN {status} = '{RecipientStatus.BOUNCED}'"
-        f" THEN '{BOUNCED_REASON}' ELSE '{OPTED_OUT_REASON}' END"
+        f" THEN '{BOUNCED_REASON}' WHEN {status} = '{RecipientStatus.PENDING}' THEN '{PENDING_REASON}'"
+        f" ELSE '{OPTED_OUT_REASON}' END"
     )
 
 
@@ -92,12 +114,36 @@ def sql_mailable(status: str) -> str:
 def sql_may_add(status: str, gone: str) -> str:
     """`may_add` as a SQL condition, for set-based paths (imports; sending): `status` is an expression for the
     recipient's status (NULL when there is none yet, as from a LEFT JOIN), `gone` one that is 1 when the address
-    is forgotten and 0 when not."""
-    return f"({gone} = 0 AND ({status} IS NULL OR {status} = '{RecipientStatus.ACTIVE}'))"
+    is forgotten and 0 when not. A pending recipient may be added, and the path then admits it (SQL_ADMIT)."""
+    addable = f"{status} IN ('{RecipientStatus.ACTIVE}', '{RecipientStatus.PENDING}')"
+    return f"({gone} = 0 AND ({status} IS NULL OR {addable}))"
 
 
 # The status a recipient made by a set-based path (an import) gets, as a SQL literal.
 SQL_NEW_STATUS = f"'{RecipientStatus.ACTIVE}'"
+
+
+def sql_is_pending(status: str) -> str:
+    """A SQL condition: the status expression says pending (a set-based path counts these to admit them)."""
+    return f"{status} = '{RecipientStatus.PENDING}'"
+
+
+# `admit` for set-based paths (an import; pending rows are rare: count them with `sql_is_pending` first): the first
+# statement makes a recipient active (params: the time, its id) and, when it did, the second records the consent
+# event saying so (params: `admit_event_params`).
+SQL_ADMIT = (
+    f"UPDATE recipient SET status = '{RecipientStatus.ACTIVE}', updated_at = ?"
+    f" WHERE id = ? AND status = '{RecipientStatus.PENDING}'",
+    "INSERT INTO consent_event (recipient_id, email_hash, action, reason, source, client_ip, created_at)"
+    " VALUES (?, ?, ?, ?, ?, NULL, ?)",
+)
+
+
+def admit_event_params(recipient_id: int, key: str, *, source: str, now: Any) -> tuple[Any, ...]:
+    """The parameters of SQL_ADMIT's consent event for one recipient (by id, and its email key)."""
+    action = ConsentAction.OPT_IN
+    log.info("consent %s by %s", action, source, extra=_fields(action, recipient_id, source))
+    return (recipient_id, email_hash(key), ConsentAction.OPT_IN, ADMITTED_REASON, source, now)
 
 
 def sql_forgotten_since() -> str:
@@ -120,15 +166,17 @@ def new_recipient(
     name: str | None = None,
     phone: str | None = None,
     attributes: dict[str, Any] | None = None,
+    pending: bool = False,
 ) -> Recipient:
-    """A new, active recipient (not yet added to the session). The caller has asked `may_add` first."""
+    """A new, active recipient (not yet added to the session). The caller has asked `may_add` first. `pending`: a
+    sign-up on `cm serve`'s form, waiting for its confirmation (`sign_up`)."""
     return Recipient(
         email=email,
         email_key=key,
         name=name,
         phone=phone,
         attributes=dict(attributes or {}),
-        status=RecipientStatus.ACTIVE,
+        status=RecipientStatus.PENDING if pending else RecipientStatus.ACTIVE,
     )
 
 
@@ -170,13 +218,12 @@ def _record(
     )
     session.add(event)
     # Ids only: a log line outlives `forget`, so it must not hold the address.
-    log.info(
-        "consent %s by %s",
-        action,
-        source,
-        extra={"fields": {"action": action, "recipient_id": recipient_id, "source": source}},
-    )
+    log.info("consent %s by %s", action, source, extra=_fields(action, recipient_id, source))
     return event
+
+
+def _fields(action: ConsentAction, recipient_id: int | None, source: str) -> dict[str, Any]:
+    return {"fields": {"action": action, "recipient_id": recipient_id, "source": source}}
 
 
 def opt_out(
@@ -259,6 +306,26 @@ def opt_in(
     return True
 
 
+def admit(session: Session, recipient: Recipient, *, source: str) -> bool:
+    """An operator's create, group add or import of a pending address makes it active (the operator holds consent
+    of their own for it), with a consent event saying so. Returns whether anything changed: only a pending
+    recipient does (`may_add` keeps the opted-out and bounced ones out)."""
+    return recipient.status == RecipientStatus.PENDING and opt_in(
+        session, recipient, reason=ADMITTED_REASON, source=source
+    )
+
+
+def sign_up(session: Session, recipient: Recipient, *, confirmed: bool, client_ip: str | None) -> bool:
+    """The person's own consent on `cm serve`'s form, with their IP address on the event. `confirmed`: they followed
+    the link mailed to the address (double opt-in), and a pending or opted-out recipient becomes active
+    (CONFIRMED_SIGNUP). Not confirmed (`serve.double_opt_in` off: WEB_SIGNUP): a pending one only, as an
+    unverified form reactivates no one. A bounced one stays bounced. Returns whether anything changed."""
+    if recipient.status not in ((RecipientStatus.PENDING, RecipientStatus.OPTED_OUT) if confirmed else _PENDING):
+        return False
+    source = CONFIRMED_SIGNUP if confirmed else WEB_SIGNUP
+    return opt_in(session, recipient, reason=None, source=source, client_ip=client_ip)
+
+
 def bounce(session: Session, recipient_id: int, *, reason: str, source: str) -> bool:
     """A hard bounce (the address does not exist): an active recipient becomes `bounced`, which no campaign mails
     until `clear_bounce`. Returns whether anything changed."""
@@ -312,6 +379,7 @@ def forget(session: Session, key: str, *, recipient: Recipient | None, source: s
         session.add(Suppression(email_hash=digest, reason=None))
         session.flush()
     if recipient is not None:
+        session.exec(delete(Signup).where(col(Signup.recipient_id) == recipient.id))
         session.exec(delete(GroupMember).where(col(GroupMember.recipient_id) == recipient.id))
         session.exec(delete(_CAMPAIGN_LINKS).where(_CAMPAIGN_LINKS.c.recipient_id == recipient.id))
         session.exec(
@@ -350,4 +418,7 @@ def history(session: Session, recipient: Recipient) -> list[dict[str, Any]]:
         .where(ConsentEvent.email_hash == email_hash(recipient.email_key))
         .order_by(col(ConsentEvent.id))
     ).all()
-    return [{"action": e.action, "reason": e.reason, "source": e.source, "at": e.created_at} for e in events]
+    return [
+        {"action": e.action, "reason": e.reason, "source": e.source, "client_ip": e.client_ip, "at": e.created_at}
+        for e in events
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import func, inspect
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -69,7 +70,15 @@ def create_group(session: Session, name: str, *, description: str | None = None)
     return group
 
 
-def update_group(session: Session, ref: str | int, *, name: str | None = None, description: str | None = None) -> Group:
+def update_group(
+    session: Session,
+    ref: str | int,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    public: bool | None = None,
+) -> Group:
+    """Rename a group, change its description, or (`public`) offer it on `cm serve`'s sign-up form or stop."""
     group = get_group(session, ref)
     if name is not None and name.strip() != group.name:
         name = _check_name(name)
@@ -79,6 +88,8 @@ def update_group(session: Session, ref: str | int, *, name: str | None = None, d
         group.name, group.name_key = name, name_key(name)
     if description is not None:
         group.description = _check_description(description) or None
+    if public is not None:
+        group.public = public
     group.updated_at = utcnow()
     session.flush()
     return group
@@ -103,7 +114,7 @@ def describe_groups(session: Session, groups: Sequence[Group]) -> list[dict[str,
     if not groups:
         return []
     counts = _member_counts(session, groups[0].id if len(groups) == 1 else None)
-    return [_describe(g.id, g.name, g.description, g.created_at, counts) for g in groups]
+    return [_describe(g.id, g.name, g.description, g.public, g.created_at, counts) for g in groups]
 
 
 def describe_all_groups(session: Session) -> list[dict[str, Any]]:
@@ -111,28 +122,52 @@ def describe_all_groups(session: Session) -> list[dict[str, Any]]:
     as Group objects: the first ORM query of a process sets up the mappers of every table, which costs more than
     the listing itself."""
     table = _GROUPS.c
-    query = select(table.id, table.name, table.description, table.created_at).order_by(table.name)
+    query = sa.select(table.id, table.name, table.description, table.public, table.created_at).order_by(table.name)
     rows = session.connection().execute(query).all()
     counts = _member_counts(session, None) if rows else {}
     return [_describe(*row, counts) for row in rows]
 
 
+def groups_page(session: Session, *, after: int = 0, limit: int) -> list[dict[str, Any]]:
+    """One page of groups as `describe_groups` gives them (the REST API's listing): ids above `after`, by id, at most
+    `limit`; the counts cover only the page's id range."""
+    table = _GROUPS.c
+    query = (
+        select(table.id, table.name, table.description, table.created_at)
+        .where(table.id > after)
+        .order_by(table.id)
+        .limit(limit)
+    )
+    rows = session.connection().execute(query).all()
+    counts = _member_counts(session, None, between=(rows[0][0], rows[-1][0])) if rows else {}
+    return [_describe(*row, counts) for row in rows]
+
+
 def _describe(
-    gid: int | None, name: str, description: str | None, created_at: Any, counts: dict[int, tuple[int, int]]
+    gid: int | None,
+    name: str,
+    description: str | None,
+    public: Any,
+    created_at: Any,
+    counts: dict[int, tuple[int, int]],
 ) -> dict[str, Any]:
     members, active = counts.get(gid or 0, (0, 0))
     return {
         "id": gid,
         "name": name,
         "description": description,
+        "public": bool(public),  # offered on `cm serve`'s sign-up form
         "members": members,
         "active_members": active,
         "created_at": created_at,
     }
 
 
-def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[int, int]]:
-    """group id -> (members, active members), for one group or (None) for all of them."""
+def _member_counts(
+    session: Session, group_id: int | None, *, between: tuple[int, int] | None = None
+) -> dict[int, tuple[int, int]]:
+    """group id -> (members, active members), for one group or (None) for all of them (`between`: those whose ids
+    are in that range)."""
     member, recipient = _MEMBERS.c, _RECIPIENTS.c
     query = (
         select(member.group_id, func.count(), func.count().filter(consent.mailable()))
@@ -141,4 +176,6 @@ def _member_counts(session: Session, group_id: int | None) -> dict[int, tuple[in
     )
     if group_id is not None:
         query = query.where(member.group_id == group_id)
+    if between is not None:
+        query = query.where(member.group_id.between(*between))
     return {gid: (total, active) for gid, total, active in session.connection().execute(query).all()}

@@ -60,8 +60,8 @@ class Selection:
         where: list[ColumnElement[bool]] = [] if after is None else [_RECIPIENTS.c.id > after]
         if self.status == RecipientStatus.ACTIVE:
             where.append(consent.mailable())
-        elif self.status == RecipientStatus.OPTED_OUT:
-            where.append(_RECIPIENTS.c.status == RecipientStatus.OPTED_OUT)
+        elif self.status is not None:
+            where.append(_RECIPIENTS.c.status == self.status)
         if self.group_id is not None:
             # EXISTS rather than a join, so that a page is still one row per recipient. The page's start is said
             # again for group_member: PostgreSQL does not carry `recipient.id > after` over to it, and merging
@@ -128,6 +128,38 @@ def iter_recipients(session: Session, selection: Selection, *, page_rows: int = 
             left -= len(rows)
         if len(rows) < size:
             return
+
+
+def recipients_page(
+    session: Session, *, status: str | None = None, group_id: int | None = None, after: int = 0, limit: int
+) -> list[dict[str, Any]]:
+    """One page of recipients as `describe` gives them (the REST API's listings): ids above `after`, by id, at most
+    `limit`; `status` ACTIVE: only mailable ones; `group_id` (checked by the caller): only that group's members. A
+    page costs the same at any depth: it walks the recipients' primary key from `after`, or for a group
+    group_member's (group_id, recipient_id) key, so a group that holds one recipient in a thousand is read no
+    further than its own members. No OFFSET, no count."""
+    columns = _listing_columns()
+    rid = _RECIPIENTS.c.id
+    if group_id is None:
+        query = select(*columns).where(rid > after).order_by(rid)
+    else:
+        # The page's start is said for both tables: PostgreSQL does not carry it over the join, and a merge join
+        # would otherwise read every recipient before it.
+        member = _MEMBERS.c.recipient_id
+        query = (
+            select(*columns)
+            .select_from(_MEMBERS.join(_RECIPIENTS, rid == member))
+            .where(_MEMBERS.c.group_id == group_id, member > after, rid > after)
+            .order_by(member)
+        )
+    if status == RecipientStatus.ACTIVE:
+        query = query.where(consent.mailable())
+    elif status is not None:
+        query = query.where(_RECIPIENTS.c.status == status)
+    connection = session.connection()
+    rows: Sequence[Any] = connection.execute(query.limit(limit)).fetchall()
+    names = _page_group_names(connection, [row[0] for row in rows]) if rows else {}
+    return [_describe_row(row, names.get(row[0], [])) for row in rows]
 
 
 def _listing_columns() -> list[Any]:

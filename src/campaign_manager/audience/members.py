@@ -66,10 +66,12 @@ def add_recipients(session: Session, ref: str | int, emails: Sequence[str]) -> l
             session.add(recipient)
             session.flush()
             result["outcome"] = MemberOutcome.CREATED
-        elif session.get(GroupMember, (group.id, recipient.id)) is not None:
-            result["outcome"] = MemberOutcome.ALREADY_MEMBER
-            continue
         else:
+            # A pending recipient (an unconfirmed sign-up) becomes active: the operator's add stands for consent.
+            consent.admit(session, recipient, source="cm group add-recipients")
+            if session.get(GroupMember, (group.id, recipient.id)) is not None:
+                result["outcome"] = MemberOutcome.ALREADY_MEMBER
+                continue
             result["outcome"] = MemberOutcome.ADDED
         session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
         session.flush()

@@ -13,8 +13,10 @@ from campaign_manager.audience.address_keys import email_key
 from campaign_manager.audience.addresses import normalize_email, parse_address
 from campaign_manager.audience.groups import get_group
 from campaign_manager.audience.listing import _COLUMNS, _describe_row
+from campaign_manager.audience.signups import signups_of
 from campaign_manager.errors import Conflict, ConsentError, InvalidInput, NotFound
 from campaign_manager.imports.scrub import rejects_naming, scrub_address
+from campaign_manager.states import RecipientStatus
 from campaign_manager.tables.audience import Group, GroupMember, Recipient
 from campaign_manager.tables.base import utcnow
 from campaign_manager.tables.jobs import ImportReject
@@ -71,17 +73,25 @@ def create_recipient(
             f"{existing.email} opted out (id {existing.id}); creating it again would not make it active",
             hint="only `cm recipient opt-in` does that",
         )
-    if existing is not None:
+    if existing is not None and existing.status != RecipientStatus.PENDING:
         raise Conflict(
             f"recipient {existing.email} already exists (id {existing.id})", hint="use `cm recipient update`"
         )
     consent.refuse_if_forgotten(session, key)
     targets = [get_group(session, ref) for ref in groups]
-    recipient = consent.new_recipient(normalized, key, name=name, phone=phone, attributes=attributes)
-    session.add(recipient)
+    if existing is not None:
+        # An unconfirmed sign-up: the operator's create stands for the person's consent, and replaces what the form
+        # held (nothing of it was confirmed).
+        recipient = existing
+        recipient.name, recipient.phone, recipient.attributes = name, phone, dict(attributes or {})
+        consent.admit(session, recipient, source="cm recipient create")
+    else:
+        recipient = consent.new_recipient(normalized, key, name=name, phone=phone, attributes=attributes)
+        session.add(recipient)
     session.flush()
     for group in targets:
-        session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
+        if session.get(GroupMember, (group.id, recipient.id)) is None:
+            session.add(GroupMember(group_id=group.id, recipient_id=recipient.id))
     session.flush()
     return recipient
 
@@ -183,6 +193,7 @@ def export_recipient(session: Session, ref: str | int) -> dict[str, Any]:
     data["rejected_import_rows"] = [
         {"job_id": r.job_id, "line": r.line, "reason": r.reason, "row": r.raw} for r in rejects
     ]
+    data["signups"] = signups_of(session, int(recipient.id or 0))
     return data
 
 

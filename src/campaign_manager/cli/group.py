@@ -13,7 +13,7 @@ app = typer.Typer(
     name="group", help="Create groups and manage their members.\n\nExample: cm group list", no_args_is_help=True
 )
 
-COLUMNS = ("id", "name", "description", "members", "active_members")
+COLUMNS = ("id", "name", "description", "public", "members", "active_members")
 Ref = Annotated[str, typer.Argument(help="Group id or name", show_default=False)]
 Emails = Annotated[list[str] | None, typer.Option("--email", help="Email address (repeatable)")]
 
@@ -38,7 +38,7 @@ def create(
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """List groups with their member and active-member counts.
+    """List groups with their member and active-member counts, and whether the sign-up form offers them.
 
     Example: cm group list --json
     """
@@ -68,16 +68,21 @@ def update(
     ref: Ref,
     name: Annotated[str | None, typer.Option(help="New name")] = None,
     description: Annotated[str | None, typer.Option(help="New description (empty to clear)")] = None,
+    public: Annotated[
+        bool | None, typer.Option("--public/--no-public", help="Offer the group on cm serve's sign-up form, or stop")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Rename a group or change its description.
+    """Rename a group, change its description, or offer it on `cm serve`'s sign-up form (--public).
 
     Example: cm group update newsletter --name news --description "Weekly news"
+
+    Example: cm group update newsletter --public
     """
     from campaign_manager.audience import groups
 
     with state(ctx).session() as session:
-        group = groups.update_group(session, ref, name=name, description=description)
+        group = groups.update_group(session, ref, name=name, description=description, public=public)
         data = groups.describe_groups(session, [group])[0]
     emit(data, as_json=as_json, render=print_record)
 

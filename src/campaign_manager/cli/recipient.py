@@ -104,6 +104,9 @@ def list_(
     active: Annotated[bool, typer.Option("--active", help="Only active recipients")] = False,
     opted_out: Annotated[bool, typer.Option("--opted-out", help="Only opted-out recipients")] = False,
     bounced: Annotated[bool, typer.Option("--bounced", help="Only recipients whose address hard-bounced")] = False,
+    pending: Annotated[
+        bool, typer.Option("--pending", help="Only sign-ups on cm serve's form not confirmed yet (never mailed)")
+    ] = False,
     group: Annotated[str | None, typer.Option(help="Only members of this group (id or name)")] = None,
     search: Annotated[str | None, typer.Option(help="Text to find in the email or name")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many")] = None,
@@ -123,11 +126,12 @@ def list_(
             (RecipientStatus.ACTIVE, active),
             (RecipientStatus.OPTED_OUT, opted_out),
             (RecipientStatus.BOUNCED, bounced),
+            (RecipientStatus.PENDING, pending),
         )
         if on
     ]
     if len(chosen) > 1:
-        raise InvalidInput("--active, --opted-out and --bounced exclude each other")
+        raise InvalidInput("--active, --opted-out, --bounced and --pending exclude each other")
     status = chosen[0] if chosen else None
     _list(ctx, status=status, group=group, search=search, limit=limit, offset=offset, as_json=as_json)
 

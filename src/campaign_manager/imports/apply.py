@@ -20,8 +20,8 @@ Each segment, in one transaction:
 3. with --update-existing, update the recipients the segment's addresses already have;
 4. create a recipient for each new address that may be added, and make the new recipients members (the database's
    own part: sqlite.py, postgres.py); an address neither gone nor created had a recipient already: those that may
-   be added become members too, unless they are already (the only statements that look addresses up again, and
-   only when the segment has such an address);
+   be added become members too, unless they are already, and a pending one (an unconfirmed sign-up) becomes active
+   (the only statements that look addresses up again, and only when the segment has such an address);
 5. record the progress with the job (the last segment: the counts, and the staged file deleted).
 """
 
@@ -63,7 +63,9 @@ COUNTS = ("read", "created", "updated", "added", "already_member", "duplicates",
 EXISTING = (
     "cm_sorted u JOIN recipient r ON r.email_key = u.key WHERE u.pos BETWEEN ? AND ? AND u.gone = 0 AND r.id <= ?"
 )
-REFUSED = f"SELECT count(*) FROM {EXISTING} AND NOT {consent.sql_may_add('r.status', 'u.gone')}"
+# Of those, how many may not be added, and how many are pending (to admit, which is rare), in one statement.
+_REFUSED, _PENDING = f"NOT {consent.sql_may_add('r.status', 'u.gone')}", consent.sql_is_pending("r.status")
+TALLY = f"SELECT count(*) FILTER (WHERE {_REFUSED}), count(*) FILTER (WHERE {_PENDING}) FROM {EXISTING}"
 
 
 class Busy(Exception):
@@ -290,7 +292,7 @@ class Applier:
 
     def _apply_rows(self, first: int, last: int, applied: dict[str, int]) -> None:
         """Create, update and add the addresses at positions first..last; what they did goes into `applied`.
-        An import changes no one's status: who may not be added now could not be before."""
+        An import changes no status but a pending one's (admitted): who may not be added now could not be before."""
         gone = int(self.scalar("SELECT coalesce(sum(gone), 0) FROM cm_sorted WHERE pos BETWEEN ? AND ?", (first, last)))
         if self.args.get("update_existing"):
             applied["updated"] += self.update_existing(first, last)
@@ -300,7 +302,9 @@ class Applier:
         existing = (last - first + 1) - gone - created  # addresses that had a recipient: looked up only if any
         refused = linked = 0
         if existing:
-            refused = int(self.scalar(REFUSED, (first, last, before)))
+            refused, pending = (int(n) for n in self.sql(TALLY, (first, last, before)).fetchone())
+            if pending:
+                self._admit_pending(first, last, before)
             may_add = consent.sql_may_add("r.status", "u.gone")
             link = self.target.link("r.id", f"{EXISTING} AND {may_add} ON CONFLICT DO NOTHING")
             linked = self.sql(link, (*self.target.link_params(self.now), first, last, before)).rowcount
@@ -308,6 +312,14 @@ class Applier:
         applied["added"] += created + linked
         applied["suppressed"] += gone + refused
         applied["already_member"] += existing - refused - linked
+
+    def _admit_pending(self, first: int, last: int, before: int) -> None:
+        """The segment's pending recipients (unconfirmed sign-ups, rare) become active, each with its consent event."""
+        activate, record = consent.SQL_ADMIT
+        found = f"SELECT r.id, r.email_key FROM {EXISTING} AND {_PENDING}"
+        for rid, key in self.sql(found, (first, last, before)).fetchall():
+            if self.sql(activate, (self.now, rid)).rowcount:
+                self.sql(record, consent.admit_event_params(rid, key, source=f"import job {self.job_id}", now=self.now))
 
     def _record(self, values: dict[str, Any]) -> None:
         """Set these keys of the job's result (in the transaction in progress)."""

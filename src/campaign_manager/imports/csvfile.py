@@ -64,9 +64,11 @@ class CsvLayout:
 def check_encoding(encoding: str | None) -> str:
     name = encoding or DEFAULT_ENCODING
     try:
-        codecs.lookup(name)
+        codec = codecs.lookup(name)
     except LookupError:
         raise InvalidInput(f"unknown encoding {name!r}") from None
+    if not getattr(codec, "_is_text_encoding", True):  # rot13, base64, zlib ...: codecs, but not of bytes to text
+        raise InvalidInput(f"{name!r} is not a text encoding")
     # A UTF-8 file may or may not start with a BOM; utf-8-sig reads both.
     return DEFAULT_ENCODING if codecs.lookup(name).name == "utf-8" else name
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import sys
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +36,7 @@ from campaign_manager.imports.postgres import PostgresApplier
 from campaign_manager.imports.sqlite import SqliteApplier
 from campaign_manager.jobs import runner
 from campaign_manager.jobs.records import create_job, get_job
+from campaign_manager.sending.campaigns import get_campaign
 from campaign_manager.tables.base import utcnow
 from campaign_manager.tables.jobs import ImportReject, Job, JobFile
 
@@ -68,27 +70,76 @@ def stage_import(
     written if the file cannot be imported at all. The caller commits, then enqueues the job."""
     if (group is None) == (campaign_id is None):
         raise ValueError("an import targets exactly one group or campaign")
-    target: dict[str, Any]
-    if group is not None:
-        grp = get_group(session, group)
-        target = {"type": "group", "id": grp.id, "name": grp.name}
-    else:
-        target = {"type": "campaign", "id": campaign_id}
+    target = _target(session, group, campaign_id)
     stream, name = _open_source(source, stdin)
     try:
-        head = _read_full(stream, SAMPLE_BYTES + 1)  # one byte more tells whether the sample is the whole file
-        layout = inspect_csv(head, name=name, encoding=encoding, delimiter=delimiter, email_column=email_column)
-        args = {
-            "source": name,
-            "target": target,
-            "layout": layout.to_args(),
-            "update_existing": update_existing,
-        }
-        job = create_job(session, KIND, args)
-        size = _copy_chunks(session, job, head, stream, layout.encoding, name)
+        return _stage(session, stream, name, target, encoding, delimiter, email_column, update_existing)
     finally:
         if stream is not stdin and stream is not sys.stdin.buffer:
             stream.close()
+
+
+def stage_upload(
+    session: Session,
+    stream: IO[bytes],
+    name: str,
+    *,
+    group: str | int | None = None,
+    campaign_id: int | None = None,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+    email_column: str | None = None,
+    update_existing: bool = False,
+) -> Job:
+    """`stage_import` of a file already open (an upload to `cm serve`), called `name` in the job and its messages;
+    the caller closes it. Exactly one of `group` and `campaign_id`, else InvalidInput."""
+    if (group is None) == (campaign_id is None):
+        raise InvalidInput("an import goes into exactly one group or campaign: give one of them")
+    if campaign_id is not None:
+        get_campaign(session, campaign_id)
+    target = _target(session, group, campaign_id)
+    return _stage(session, stream, name, target, encoding, delimiter, email_column, update_existing)
+
+
+def stage_addresses(session: Session, emails: Sequence[str], name: str, *, campaign_id: int) -> Job:
+    """An import job of a list of addresses (the REST API's `recipient_emails` of a new campaign) into a campaign's
+    audience: the same job, consent rules and counts as a CSV file's, one address a row."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\r\n")
+    writer.writerow(["email"])
+    writer.writerows([email] for email in emails)
+    stream = io.BytesIO(text.getvalue().encode())
+    get_campaign(session, campaign_id)
+    return _stage(session, stream, name, _target(session, None, campaign_id), "utf-8", ",", "email", False)
+
+
+def _target(session: Session, group: str | int | None, campaign_id: int | None) -> dict[str, Any]:
+    if group is not None:
+        grp = get_group(session, group)
+        return {"type": "group", "id": grp.id, "name": grp.name}
+    return {"type": "campaign", "id": campaign_id}
+
+
+def _stage(
+    session: Session,
+    stream: IO[bytes],
+    name: str,
+    target: dict[str, Any],
+    encoding: str | None,
+    delimiter: str | None,
+    email_column: str | None,
+    update_existing: bool,
+) -> Job:
+    head = _read_full(stream, SAMPLE_BYTES + 1)  # one byte more tells whether the sample is the whole file
+    layout = inspect_csv(head, name=name, encoding=encoding, delimiter=delimiter, email_column=email_column)
+    args = {
+        "source": name,
+        "target": target,
+        "layout": layout.to_args(),
+        "update_existing": update_existing,
+    }
+    job = create_job(session, KIND, args)
+    size = _copy_chunks(session, job, head, stream, layout.encoding, name)
     job.args = {**args, "size": size}
     session.flush()
     return job
@@ -212,6 +263,20 @@ def iter_rejects(session: Session, job_id: int) -> Iterator[ImportReject]:
         if len(page) < REJECTS_PAGE:
             return
         after = (page[-1].line, page[-1].id or 0)
+
+
+def rejects_page(session: Session, job_id: int, *, after: int = 0, limit: int) -> list[ImportReject]:
+    """One page of an import job's rejected rows (the REST API's listing): lines after `after`, in file order, at
+    most `limit` (a line is a row's key within its job: the import stores and resumes its rejects by it)."""
+    _import_job(session, job_id)
+    return list(
+        session.exec(
+            select(ImportReject)
+            .where(ImportReject.job_id == job_id, col(ImportReject.line) > after)
+            .order_by(col(ImportReject.line))
+            .limit(limit)
+        ).all()
+    )
 
 
 def _import_job(session: Session, job_id: int) -> Job:

@@ -61,10 +61,13 @@ def _requeue_orphans(settings: Settings, huey: JobQueue) -> list[int]:
 
 
 def purge_old_files(settings: Settings) -> None:
-    """Purge staged uploads past `jobs.keep_files_days`, if no process did in the last hour."""
+    """Purge staged uploads past `jobs.keep_files_days`, and sign-ups past `serve.confirm_days`, if no process did
+    in the last hour."""
     days = settings.jobs.keep_files_days
     try:
-        purged = retention.purge_if_due(settings.database_url, older_than_days=days)
+        purged = retention.purge_if_due(
+            settings.database_url, older_than_days=days, signup_days=settings.serve.confirm_days
+        )
     except db.DatabaseGone:
         raise  # fatal for the worker: its caller stops
     except CmError as exc:

@@ -28,6 +28,7 @@ Handler = Callable[[str, int, Progress], dict[str, Any]]
 HANDLERS: dict[str, str] = {
     "import": "campaign_manager.imports.service:run_import_job",
     "send": "campaign_manager.sending.job:run_send_job",
+    "confirm": "campaign_manager.sending.confirmations:run_confirm_job",  # a sign-up's confirmation message
 }
 
 
@@ -90,6 +91,16 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int | None 
         query = query.where(Job.status == status)
     if limit is not None:
         query = query.limit(limit)
+    return list(session.exec(query).all())
+
+
+def jobs_page(session: Session, *, status: str | None = None, after: int = 0, limit: int) -> list[Job]:
+    """One page of jobs (the REST API's listing): ids above `after`, oldest first, at most `limit`."""
+    query = select(Job).where(col(Job.id) > after).order_by(col(Job.id)).limit(limit)
+    if status is not None:
+        if status not in list(JobStatus):
+            raise InvalidInput(f"unknown job status {status!r}", hint=f"one of {', '.join(JobStatus)}")
+        query = query.where(Job.status == status)
     return list(session.exec(query).all())
 
 

@@ -142,6 +142,13 @@ def iter_campaigns(session: Session, *, page_rows: int = PAGE_CAMPAIGNS) -> Iter
         last = page[-1].id or 0
 
 
+def campaigns_page(session: Session, *, after: int = 0, limit: int) -> list[dict[str, Any]]:
+    """One page of campaigns as `describe_campaigns` gives them (the REST API's listing): ids above `after`, by id,
+    at most `limit`."""
+    page = session.exec(select(Campaign).where(col(Campaign.id) > after).order_by(col(Campaign.id)).limit(limit))
+    return describe_campaigns(session, list(page))
+
+
 def _targets(first: int, last: int) -> Any:
     """(campaign_id, recipient_id) for the campaigns first..last: the members of their groups and their named
     recipients, each pair once, whatever their status."""

@@ -66,36 +66,54 @@ def stats(session: Session, ref: str | int) -> dict[str, Any]:
 
 def iter_deliveries(session: Session, ref: str | int, *, status: str | None = None) -> Iterator[dict[str, Any]]:
     """Who got it and who did not, by delivery id, a page at a time. A forgotten person's row has no address."""
+    cid = _checked(session, ref, status)
+    last = 0
+    while True:
+        page = _deliveries(session, cid, status, after=last, limit=PAGE)
+        yield from page
+        if len(page) < PAGE:
+            return
+        last = page[-1]["delivery_id"]
+
+
+def deliveries_page(
+    session: Session, ref: str | int, *, status: str | None = None, after: int = 0, limit: int
+) -> list[dict[str, Any]]:
+    """One page of `iter_deliveries` (the REST API's listing): delivery ids above `after`, at most `limit`."""
+    return _deliveries(session, _checked(session, ref, status), status, after=after, limit=limit)
+
+
+def _checked(session: Session, ref: str | int, status: str | None) -> int:
     campaign = get_campaign(session, ref)
     if status is not None and status not in set(DeliveryStatus):
         raise InvalidInput(f"--status must be one of {', '.join(DeliveryStatus)}, not {status!r}")
+    return int(campaign.id or 0)
+
+
+def _deliveries(session: Session, cid: int, status: str | None, *, after: int, limit: int) -> list[dict[str, Any]]:
     d, r = DELIVERY.c, RECIPIENT.c
-    last = 0
-    while True:
-        query = (
-            sa.select(
-                d.id, d.recipient_id, r.email, d.status, d.attempts, d.last_error, d.sent_at, d.provider_id, d.uncertain
-            )
-            .select_from(DELIVERY.outerjoin(RECIPIENT, r.id == d.recipient_id))
-            .where(d.campaign_id == campaign.id, d.id > last)
-            .order_by(d.id)
-            .limit(PAGE)
+    query = (
+        sa.select(
+            d.id, d.recipient_id, r.email, d.status, d.attempts, d.last_error, d.sent_at, d.provider_id, d.uncertain
         )
-        if status is not None:
-            query = query.where(d.status == status)
-        page = session.execute(query).all()
-        for row in page:
-            yield {
-                "delivery_id": row.id,
-                "recipient_id": row.recipient_id,
-                "email": row.email,
-                "status": row.status,
-                "attempts": row.attempts,
-                "error": row.last_error,
-                "sent_at": row.sent_at,
-                "provider_id": row.provider_id,
-                "possible_duplicate": bool(row.uncertain),
-            }
-        if len(page) < PAGE:
-            return
-        last = page[-1].id
+        .select_from(DELIVERY.outerjoin(RECIPIENT, r.id == d.recipient_id))
+        .where(d.campaign_id == cid, d.id > after)
+        .order_by(d.id)
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(d.status == status)
+    return [
+        {
+            "delivery_id": row.id,
+            "recipient_id": row.recipient_id,
+            "email": row.email,
+            "status": row.status,
+            "attempts": row.attempts,
+            "error": row.last_error,
+            "sent_at": row.sent_at,
+            "provider_id": row.provider_id,
+            "possible_duplicate": bool(row.uncertain),
+        }
+        for row in session.execute(query).all()
+    ]

@@ -1,5 +1,6 @@
 """cm's errors as HTTP answers: the CLI's exit code decides the status, and the body is `{"detail": message, "code":
-name}`, where `code` names the exit code (`invalid_input`, `not_found`, `conflict`, `consent`, ...)."""
+name}`, where `code` names the exit code (`invalid_input`, `not_found`, `conflict`, `consent`, ...). An exit code
+not listed in STATUS (a generic error, a bug) is a 500."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ STATUS: dict[ExitCode, int] = {
     ExitCode.CONSENT: 409,
     ExitCode.DATABASE: 503,
     ExitCode.QUEUE: 503,
+    ExitCode.CONFIG: 503,  # not configured (no notifier to send with, no From): the server's to fix, not the client's
 }
 
 
