@@ -27,7 +27,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -96,6 +96,10 @@ class Browser:
             field_.clear()
             if value:
                 field_.send_keys(value)
+
+    def options(self, name: str) -> list[WebElement]:
+        """The options of the select named `name`."""
+        return list(Select(self.driver.find_element(By.NAME, name)).options)
 
     def text(self) -> str:
         """What the page says, as a person reads it (visible text)."""

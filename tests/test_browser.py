@@ -18,8 +18,10 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 from sqlmodel import col, select
 
+import serve_process
 from browser import Browser, browser_fixture  # noqa: F401  (fixture `browser`: see the module)
 from campaign_manager import api
 from campaign_manager.audience.address_keys import email_hash, email_key
@@ -27,6 +29,7 @@ from campaign_manager.db import dispose_engines
 from campaign_manager.models import ConsentEvent
 from campaign_manager.states import ConsentAction, RecipientStatus
 from serve_process import ServeProcess
+from signup_helpers import open_site
 
 Serve = Callable[..., ServeProcess]
 FROM = "News <news@example.com>"
@@ -120,25 +123,44 @@ def test_unsubscribe_and_undo(db_url: str, serve_factory: Serve, browser: Browse
     assert len(browser.shots) == 3
 
 
-def test_sign_up_and_confirm(db_url: str, serve_factory: Serve, browser: Browser, tmp_path: Path) -> None:
-    outbox = tmp_path / "outbox"
-    config = f'[send]\nfrom = "{FROM}"\nnotifier = "outbox"\n\n[notifiers.outbox]\npath = "{outbox}"\n'
-    server = serve_factory(db_url, config=config)
-    address = "zoe@example.com"
+def test_sign_up_and_confirm(
+    db_url: str, serve_factory: Serve, browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's own address is its serve.base_url, so that the link in the message is the one the browser opens.
+    port = serve_process.free_port()
+    monkeypatch.setattr(serve_process, "free_port", lambda: port)
+    with api.open_session(db_url) as session:
+        api.create_group(session, "news", description="monthly")
+        api.update_group(session, "news", public=True)
+        api.create_group(session, "staff")  # not public: not offered
+    site = open_site(db_url, tmp_path / "site", serve_factory, base_url=f"http://127.0.0.1:{port}")
+    server, address = site.server, "zoe@example.com"
 
     browser.open(server.url + "/subscribe")
-    browser.fill({"email": address, "name": "Zoë"})
+    assert [o.text for o in browser.options("group")] == ["news: monthly"]
+    browser.fill({"email": address, "name": "Zoë Lovelace"})
     browser.submit()
-    assert _status(db_url, address) == RecipientStatus.PENDING
-    messages = _messages(outbox)
-    assert [str(m["To"]) for m in messages] == [address]
+    assert "check your inbox" in browser.text().lower()
+    assert _status(db_url, address) == RecipientStatus.PENDING and _events(db_url, address) == []
+    site.drain()  # the worker mails the confirmation
+    messages = _messages(site.outbox)
+    assert [m["To"].addresses[0].addr_spec for m in messages] == [address]
     links = _links(messages[0], server, "/confirm/")
     assert len(links) == 1, links
 
     browser.open(links[0])
     assert _status(db_url, address) == RecipientStatus.PENDING  # opening the link changes nothing
+    assert address not in browser.text()
     browser.submit()
+    assert "signed up" in browser.text().lower()
     assert _status(db_url, address) == RecipientStatus.ACTIVE
+    assert _events(db_url, address) == [(ConsentAction.OPT_IN, "cm serve sign-up confirmed", "127.0.0.1")]
+    with api.open_session(db_url, write=False) as session:
+        person = api.get_recipient(session, address)
+        assert person.name == "Zoë Lovelace"
+        assert [r["email"] for r in api.iter_recipients(session, api.group_recipients(session, "news"))] == [address]
+    dispose_engines()
+    assert len(browser.shots) == 4
 
 
 def test_index_page(sqlite_url: str, serve_factory: Serve, browser: Browser) -> None:
@@ -147,6 +169,23 @@ def test_index_page(sqlite_url: str, serve_factory: Serve, browser: Browser) -> 
     assert "Sign up" in browser.text()
     browser.click("Sign up")
     assert browser.driver.current_url == server.url + "/subscribe"
+
+
+def test_the_other_pages_fit_a_phone(sqlite_url: str, serve_factory: Serve, browser: Browser, tmp_path: Path) -> None:
+    """The pages a person meets when something is wrong: a link that does not work (altered or expired), and the
+    form sent back with a problem, its long address kept in the field and the problem said."""
+    site = open_site(sqlite_url, tmp_path / "site", serve_factory)
+    server = site.server
+    for path in ("/u/" + "A" * 44, "/u/short", "/confirm/" + "B" * 44):
+        browser.open(server.url + path)
+        assert "not valid" in browser.text() or "does not work" in browser.text(), path
+    browser.open(server.url + "/subscribe")
+    long = "a.very.long.address.that.goes.on.and.on.without.a.space.anywhere" + "@example.test"
+    browser.fill({"email": long, "name": "N" * 120})
+    browser.submit()  # the browser finds nothing wrong with it; the server does
+    assert browser.driver.find_element(By.NAME, "email").get_attribute("value") == long
+    assert browser.driver.find_elements(By.CSS_SELECTOR, "[role=alert]")
+    assert _status(sqlite_url, long) == "missing"
 
 
 PAGE = '<!doctype html><html><head><meta name="viewport" content="width=device-width, initial-scale=1"></head><body>{}'
