@@ -23,6 +23,7 @@ client and run: wrk does not count the answers still in flight when it stops).
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -34,7 +35,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.error import HTTPError
 
@@ -98,6 +99,7 @@ class Sample:
     p99_ms: float
     errors: int  # connect, read, write, timeout, and answers of status 400 or more
     wrapped: int  # times a thread ran out of tokens (a POST run that reused a token)
+    cpu_seconds: float = 0.0  # the server's CPU time (user and system, all its threads) during the run
 
     @property
     def latency(self) -> tuple[float, float]:
@@ -107,6 +109,11 @@ class Sample:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        """The server's CPU time per answer (those in flight at the end make it a little high)."""
+        return self.cpu_seconds * 1000 / self.requests
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,9 @@ def _run(
             samples: dict[str, list[Sample]] = {case.name: [] for case in cases}
             for n in range(runs):
                 for case in cases[n % len(cases) :] + cases[: n % len(cases)]:  # a rotating order
+                    cpu = server.cpu_seconds()
                     sample = _wrk(wrk, server.url, case, scripts, token_files[n], seconds if n else 1)
+                    sample = replace(sample, cpu_seconds=server.cpu_seconds() - cpu)
                     if n:
                         samples[case.name].append(sample)
                     elif case.post:
@@ -189,9 +198,8 @@ def _run(
         for case in cases:
             done = samples[case.name]
             each = ", ".join(f"{s.latency[n]:.1f}" for s in done)
-            detail = (
-                f"{statistics.median(s.rate for s in done):,.0f} req/s; rounds {each}" if n == 0 else f"rounds {each}"
-            )
+            rate, cpu = statistics.median(s.rate for s in done), statistics.median(s.cpu_ms for s in done)
+            detail = f"{rate:,.0f} req/s, CPU {cpu:.1f} ms/req; rounds {each}" if n == 0 else f"rounds {each}"
             base = () if case.name == FLOOR else (floor,)
             figures.append(
                 Figure(f"{case.name} {label}", statistics.median(s.latency[n] for s in done), "ms", detail, base)
@@ -308,6 +316,11 @@ def _opted_out(database: str) -> int:
 class Server:
     url: str
     process: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far, user and system, all its threads."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float:
         """The server's peak resident memory so far (VmHWM), in MB."""
