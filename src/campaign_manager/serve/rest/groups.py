@@ -9,7 +9,8 @@ from fastapi import Depends, Path, Query, Request, Response
 from sqlmodel import Session
 
 from campaign_manager.audience import groups, listing, members
-from campaign_manager.serve.rest.auth import Db, Reader, api_router
+from campaign_manager.serve.deps import Db, Reader
+from campaign_manager.serve.rest.auth import api_router
 from campaign_manager.serve.rest.paging import LINK_HEADER, Page, finish, page_of
 from campaign_manager.serve.rest.schemas import (
     MAX_ID,
