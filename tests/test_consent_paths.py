@@ -147,7 +147,10 @@ def test_a_forgotten_address_stays_forgotten_on_every_path(house: Cm, db_url: st
 
 
 # Reactivation paths that are no CLI command, and the tests that give them an opted-out and a forgotten address.
-TESTED_ELSEWHERE = {"cm serve undo (web-undo)": "tests/test_serve_unsubscribe.py"}
+TESTED_ELSEWHERE = {
+    "cm serve undo (web-undo)": "tests/test_serve_unsubscribe.py",
+    "POST /recipients/opt-in": "tests/test_api_rest.py (opt_in_by_address, a_forgotten_address_...opts_in)",
+}
 
 
 def test_every_reactivation_path_is_in_the_registry() -> None:

@@ -247,6 +247,7 @@ def test_at_without_an_offset_is_local_time_and_a_bad_one_is_refused(cm: Cm, tmp
     _config(tmp_path, 'notifier = "outbox"')
     cid = _campaign(cm, ["a@example.com"])
     assert_error(cm(f"campaign send {cid} --at tomorrow", ok=False), 2, "--at 'tomorrow' is not an ISO 8601 time")
+    assert_error(cm(f"campaign send {cid} --at 0001-01-01T00:30+01:00", ok=False), 2, "out of range")
     assert_error(cm(f"campaign send {cid} --rate 0", ok=False), 2, "--rate must be more than 0")
 
 

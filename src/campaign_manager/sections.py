@@ -192,7 +192,7 @@ class ServeSettings(NamedTuple):
         key("days a confirmation link works; unconfirmed sign-ups are deleted after them", env="CM_SERVE_CONFIRM_DAYS"),
     ] = 7
     subscribe_rate: Annotated[
-        int, key("sign-ups accepted per client IP address per hour", env="CM_SERVE_SUBSCRIBE_RATE")
+        int, key("sign-ups accepted per client IP address per hour (0: no limit)", env="CM_SERVE_SUBSCRIBE_RATE")
     ] = 10
     trusted_proxies: Annotated[
         tuple[str, ...],

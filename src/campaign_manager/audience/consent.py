@@ -44,16 +44,18 @@ log = logging.getLogger(__name__)
 # table's class would load the campaigns' tables into every command that asks the consent rules.
 _CAMPAIGN_LINKS = sa.table("campaign_recipient", sa.column("recipient_id"))
 
+# The REST API's opt-in: `cm recipient opt-in` for a program holding the API token (the same service, source `api`).
+API_OPT_IN = "POST /recipients/opt-in"
 # The person's own confirmed sign-up (double opt-in on `cm serve`: `sign_up`): it makes an opted-out person active
 # again (their new consent, given through the link mailed to the address), never a forgotten one.
 CONFIRMED_SIGNUP = "cm serve sign-up confirmed"
 # Every path allowed to make a person active again (an opted-out recipient active, a forgotten address addable);
 # each calls `opt_in` or `opt_in_forgotten`: the operator's opt-in, the person's own signed undo on `cm serve`,
 # their confirmed sign-up.
-REACTIVATION_PATHS = ("cm recipient opt-in", "cm serve undo (web-undo)", CONFIRMED_SIGNUP)
+REACTIVATION_PATHS = ("cm recipient opt-in", API_OPT_IN, "cm serve undo (web-undo)", CONFIRMED_SIGNUP)
 # The only paths that bring back a forgotten address (the person asked the operator): the others of
 # REACTIVATION_PATHS reactivate an opted-out person only.
-UNFORGET_PATHS = ("cm recipient opt-in",)
+UNFORGET_PATHS = ("cm recipient opt-in", API_OPT_IN)
 # The source of the consent a sign-up form gives at once, when `serve.double_opt_in` is off.
 WEB_SIGNUP = "web-signup"
 

@@ -133,7 +133,7 @@ def groups_page(session: Session, *, after: int = 0, limit: int) -> list[dict[st
     `limit`; the counts cover only the page's id range."""
     table = _GROUPS.c
     query = (
-        select(table.id, table.name, table.description, table.created_at)
+        sa.select(table.id, table.name, table.description, table.public, table.created_at)
         .where(table.id > after)
         .order_by(table.id)
         .limit(limit)

@@ -27,7 +27,7 @@ from campaign_manager.jobs.records import Progress
 from campaign_manager.notifiers import Message, Outcome
 from campaign_manager.sending import mime
 from campaign_manager.sending.ledger import identity, signing_secrets
-from campaign_manager.sending.samples import _send_one
+from campaign_manager.sending.samples import send_one
 from campaign_manager.sending.service import resolve_notifier
 from campaign_manager.sending.tokens import BadToken, Purpose, make_token, read_token
 from campaign_manager.serve.views import Views
@@ -115,7 +115,7 @@ def run_confirm_job(url: str, job_id: int, progress: Progress | None = None) -> 
             return {"sent": 0, "skipped": 1}
         message = _message(session, settings, found, recipient)
     name, cls = resolve_notifier(settings, None)
-    result = asyncio.run(_send_one(cls(settings.notifiers[name]), message))
+    result = asyncio.run(send_one(cls(settings.notifiers[name]), message))
     if result.outcome == Outcome.SENT:
         return {"sent": 1}
     reason = " ".join(result.reason.replace(message.to, "<recipient>").split()) or "no reason given"

@@ -85,10 +85,13 @@ def send_test(
         )
     sample = _sample(session, int(campaign.id or 0), recipient, to=address.email)
     message = _render(make_renderer(session, settings, campaign, need=needs(cls), test=True), sample)
-    return name, asyncio.run(_send_one(cls(settings.notifiers[name]), message))
+    return name, asyncio.run(send_one(cls(settings.notifiers[name]), message))
 
 
-async def _send_one(notifier: Any, message: Message) -> Result:
+async def send_one(notifier: Any, message: Message) -> Result:
+    """One message through a notifier, outside any ledger (a test copy, a sign-up's confirmation): open, send, close.
+    The notifier being down is a retry."""
+
     async def call(name: str, *args: Any) -> Any:
         method = getattr(notifier, name, None)
         if method is None:

@@ -120,9 +120,12 @@ def parse_at(text: str) -> datetime:
         raise InvalidInput(
             f"--at {text!r} is not an ISO 8601 time", hint="e.g. 2026-12-01T09:00 or 2026-12-01T09:00+01:00"
         ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # the machine's local time
-    return when.astimezone(UTC)
+    try:
+        if when.tzinfo is None:
+            when = when.astimezone()  # the machine's local time
+        return when.astimezone(UTC)
+    except (OverflowError, ValueError):  # 0001-01-01T00:30+01:00 is before the first day Python can hold
+        raise InvalidInput(f"--at {text!r} is out of range", hint="give a time between the years 1 and 9999") from None
 
 
 # ----------------------------------------------------------------------------------------------- queueing

@@ -30,10 +30,17 @@ def session(request: Request) -> Iterator[Session]:
         yield opened
 
 
-# What a route takes to use the database. `scope="function"`: the session commits when the route returns, before the
-# answer is sent (FastAPI's default runs a dependency's exit after the response): a 200 means the change is stored,
-# and a failed commit reaches the error handler (503) instead of being lost after a 200.
+def reading(request: Request) -> Iterator[Session]:
+    """A session that only reads: on SQLite it takes no write lock, so a listing never waits behind an import."""
+    with open_session(settings_of(request).database_url, write=False) as opened:
+        yield opened
+
+
+# What a route takes to use the database (`Reader` when it only reads). `scope="function"`: the session commits
+# when the route returns, before the answer is sent (FastAPI's default runs a dependency's exit after the response):
+# a 200 means the change is stored, and a failed commit reaches the error handler (503) instead of following a 200.
 Db = Annotated[Session, Depends(session, scope="function")]
+Reader = Annotated[Session, Depends(reading, scope="function")]
 
 
 def client_of(request: Request) -> str | None:

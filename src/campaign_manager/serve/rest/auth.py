@@ -1,34 +1,20 @@
 """What every route of the API has: the bearer token (`serve.api_token`, `CM_API_TOKEN`), checked before anything
 else of a request is read (a request without it learns nothing, not even whether its body would have been valid),
-and its database session (`Db` to write, `Reader` to read)."""
+and the token routes (`api_router`); their sessions are `deps.Db` and `deps.Reader`."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Annotated, Any
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from sqlmodel import Session
 
-from campaign_manager.db import open_session
-from campaign_manager.serve.deps import session, settings_of
+from campaign_manager.serve.deps import settings_of
 from campaign_manager.serve.errors import problem
-
-
-def _reading(request: Request) -> Iterator[Session]:
-    """A session that only reads: on SQLite it takes no write lock, so a listing never waits behind an import."""
-    with open_session(settings_of(request).database_url, write=False) as opened:
-        yield opened
-
-
-# A route's database session: one transaction, committed before the answer is sent ("function" scope: by default
-# FastAPI closes a dependency after sending, and a commit that failed then would follow a 200 already sent).
-Db = Annotated[Session, Depends(session, scope="function")]
-Reader = Annotated[Session, Depends(_reading, scope="function")]
 
 # Declares the scheme in the OpenAPI document (Swagger UI's "Authorize" button); the check itself is TokenRoute's.
 bearer = HTTPBearer(auto_error=False, description="`serve.api_token` (or the CM_API_TOKEN variable)")

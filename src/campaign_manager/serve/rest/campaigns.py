@@ -13,8 +13,8 @@ from campaign_manager.imports.service import stage_addresses
 from campaign_manager.jobs.queue import submit_job
 from campaign_manager.jobs.records import describe_job
 from campaign_manager.sending import campaigns, reports, service
-from campaign_manager.serve.deps import settings_of
-from campaign_manager.serve.rest.auth import Reader, api_router
+from campaign_manager.serve.deps import Reader, settings_of
+from campaign_manager.serve.rest.auth import api_router
 from campaign_manager.serve.rest.paging import LINK_HEADER, Page, finish, page_of
 from campaign_manager.serve.rest.schemas import (
     MAX_ID,

@@ -9,7 +9,8 @@ from fastapi import Depends, Path, Query, Request, Response
 from sqlmodel import Session
 
 from campaign_manager.audience import groups, listing, members
-from campaign_manager.serve.rest.auth import Db, Reader, api_router
+from campaign_manager.serve.deps import Db, Reader
+from campaign_manager.serve.rest.auth import api_router
 from campaign_manager.serve.rest.paging import LINK_HEADER, Page, finish, page_of
 from campaign_manager.serve.rest.schemas import (
     MAX_ID,
@@ -53,8 +54,8 @@ def show_group(group_id: GroupId, session: Reader) -> dict[str, Any]:
 
 @router.patch("/{group_id}", response_model=GroupOut, responses=errors(400, 404, 409))
 def update_group(group_id: GroupId, body: GroupPatch, session: Db) -> dict[str, Any]:
-    """Rename a group or change its description (an empty description clears it)."""
-    group = groups.update_group(session, group_id, name=body.name, description=body.description)
+    """Rename a group, change its description (an empty description clears it), or offer it on the sign-up form."""
+    group = groups.update_group(session, group_id, name=body.name, description=body.description, public=body.public)
     return _one(session, group)
 
 

@@ -9,7 +9,8 @@ from fastapi import Depends, Path, Query, Request, Response
 
 from campaign_manager.imports.service import rejects_page
 from campaign_manager.jobs.records import describe_job, get_job, jobs_page
-from campaign_manager.serve.rest.auth import Reader, api_router
+from campaign_manager.serve.deps import Reader
+from campaign_manager.serve.rest.auth import api_router
 from campaign_manager.serve.rest.paging import LINK_HEADER, Page, finish, page_of
 from campaign_manager.serve.rest.schemas import MAX_ID, JobOut, RejectOut, errors
 from campaign_manager.states import JobStatus

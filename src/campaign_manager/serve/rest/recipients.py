@@ -11,7 +11,8 @@ from sqlmodel import Session
 
 from campaign_manager.audience import listing, recipients
 from campaign_manager.errors import ConsentError, InvalidInput
-from campaign_manager.serve.rest.auth import Db, Reader, api_router
+from campaign_manager.serve.deps import Db, Reader
+from campaign_manager.serve.rest.auth import api_router
 from campaign_manager.serve.rest.paging import LINK_HEADER, Page, finish, page_of
 from campaign_manager.serve.rest.schemas import (
     MAX_ID,

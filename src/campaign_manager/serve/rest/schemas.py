@@ -193,6 +193,7 @@ class GroupIn(In):
 class GroupPatch(In):
     name: GroupName | None = None
     description: Description | None = Field(default=None, description="The new description; an empty one clears it")
+    public: bool | None = Field(default=None, description="Offer the group on cm serve's sign-up form, or not")
 
 
 class GroupRecipientsIn(In):
@@ -203,6 +204,7 @@ class GroupOut(BaseModel):
     id: int
     name: str
     description: str | None
+    public: bool = Field(description="Offered on cm serve's sign-up form (`cm group update G --public`)")
     members: int
     active_members: int
     created_at: datetime
