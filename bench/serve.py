@@ -125,7 +125,8 @@ class Case:
 
 def bench_serve(bench: Bench, *, rows: int, seconds: int, rounds: int, server_url: str) -> None:
     wrk = shutil.which("wrk")
-    title = f"cm serve, {rows:,} recipients, {CLIENTS} clients, median of {rounds} rounds of {seconds} s"
+    many = "rounds" if rounds != 1 else "round"
+    title = f"cm serve, {rows:,} recipients, {CLIENTS} clients, median of {rounds} {many} of {seconds} s"
     if wrk is None:
         bench.report.section(f"{title}: SQLite")
         bench.report.note("not available: wrk is not installed (apt-get install wrk)")
