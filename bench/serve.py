@@ -208,8 +208,7 @@ def _run(
     report.table(figures)
     report.note(
         f"checked: every answer 2xx; {posted:,} one-click POSTs answered in time, {gained:,} recipients opted out;"
-        f" cm serve's peak RSS"
-        f" {rss:.0f} MB"
+        f" cm serve's peak RSS {rss:.0f} MB"
     )
 
 
