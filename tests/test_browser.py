@@ -106,6 +106,8 @@ def test_unsubscribe_and_undo(db_url: str, serve_factory: Serve, browser: Browse
     assert sorted(sent) == [ada, grace]
     links = _links(sent[ada], server, "/u/")
     assert len(links) == 1, links  # the header's link and the body's are the same one
+    assert links[0] in str(sent[ada]["List-Unsubscribe"]) and links[0] in sent[ada].get_body().get_content()
+    assert sent[ada]["List-Unsubscribe-Post"] is None  # RFC 8058 one-click is for https links; this server is http
 
     browser.open(links[0])
     # Opening the link changes nothing (mail scanners open links), and the page does not show the whole address.
