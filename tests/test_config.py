@@ -205,6 +205,7 @@ KEY_VALUES: dict[str, Any] = {
     "unsubscribe.old_secrets": ("old-1", "old-2"),
     "serve.host": "0.0.0.0",
     "serve.port": 8080,
+    "serve.threads": 3,
     "serve.base_url": "https://lists.example.org",
     "serve.templates": "pages",
     "serve.double_opt_in": False,

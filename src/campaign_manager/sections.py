@@ -167,6 +167,7 @@ class UnsubscribeSettings(NamedTuple):
 class ServeSettings(NamedTuple):
     host: Annotated[str, key("the address `cm serve` listens on", env="CM_SERVE_HOST")] = "127.0.0.1"
     port: Annotated[int, key("the port `cm serve` listens on", env="CM_SERVE_PORT")] = 8000
+    threads: Annotated[int, key("threads that answer requests; 0: 4 per core, at least 8", env="CM_SERVE_THREADS")] = 0
     base_url: Annotated[
         str,
         key(

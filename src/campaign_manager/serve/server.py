@@ -20,11 +20,24 @@ GRACE_SECONDS = 10
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """The listening socket. Made with proto IPPROTO_TCP, as asyncio would make it: asyncio sets TCP_NODELAY only on
+    connections whose socket says so, and without it every answer after the first on a kept-alive connection waited
+    ~40 ms (Nagle's algorithm against the client's delayed ACK: 22 requests a second on one connection, not 400)."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family, backlog=1024)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        sock = socket.socket(family, kind, proto)
     except OSError as exc:
         raise CmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise CmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def run_server(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
@@ -47,7 +60,7 @@ def run_server(settings: Settings, *, host: str | None = None, port: int | None 
         log_config=None,
         server_header=False,
         proxy_headers=False,  # the client's address is worked out by serve.clients, from serve.trusted_proxies
-        lifespan="off",
+        lifespan="on",  # the application's start sizes its thread pool (serve.threads)
         timeout_graceful_shutdown=GRACE_SECONDS,
     )
     server = uvicorn.Server(config)
