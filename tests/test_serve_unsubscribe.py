@@ -205,7 +205,9 @@ def test_the_page_button_then_undo_within_the_hour_once(site: Site) -> None:
     undo_token = undo.rsplit("/", 1)[1]
     found = read_token(undo_token, Purpose.UNDO, [SECRET.encode()])
     assert (found.recipient_id, found.ref_id) == (dee, latest_event_id(site.url, dee))
-    assert call(undo).status == 405  # POST only
+    # A GET (the address bar after the button, a reload) shows the button again and changes nothing.
+    again = call(undo)
+    assert again.status == 200 and ">Undo</button>" in again.page and undo_link(again.page, undo) == undo
     assert status_of(site.url, dee) == "opted_out"
 
     back = call(undo, b"")
@@ -217,6 +219,7 @@ def test_the_page_button_then_undo_within_the_hour_once(site: Site) -> None:
     # Once: the opt-out is no longer the latest event.
     twice = call(undo, b"")
     assert twice.status == 400 and "has expired" in twice.page and "unsub@example.com" in twice.page
+    assert call(undo).status == 400  # nor is its page shown again
     assert [event[0] for event in events(site.url, dee)] == ["opt_out", "opt_in"]
 
     # Only while the opt-out is the latest event: the operator's changes since make it stale.

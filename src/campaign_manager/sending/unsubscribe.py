@@ -83,14 +83,24 @@ def undo(
     """Re-subscribe the person an undo token names (an opt-in, source `web-undo`, with the client's address). None
     when they were forgotten since. BadToken for a bad token, one older than an hour, or one whose opt-out is no
     longer the person's latest consent event (undone already, or something happened since)."""
+    recipient = undoable(session, settings, token, now=now, lock=True)
+    if recipient is not None:
+        consent.opt_in(session, recipient, reason=None, source="web-undo", client_ip=client_ip)
+    return recipient
+
+
+def undoable(
+    session: Session, settings: Settings, token: str, *, now: datetime | None = None, lock: bool = False
+) -> Recipient | None:
+    """The person an undo token would re-subscribe, changing nothing (`undo`'s checks; a GET of the undo link shows
+    its button again). None when they were forgotten since; BadToken as `undo` says."""
     found = _read(session, settings, token, Purpose.UNDO, max_age=UNDO_MAX_AGE, now=now)
-    recipient = session.get(Recipient, found.recipient_id, with_for_update=True)
+    recipient = session.get(Recipient, found.recipient_id, with_for_update=lock)
     if recipient is None:
         return None
     latest = consent.latest_event(session, recipient)
     if latest is None or latest.id != found.ref_id or latest.action != ConsentAction.OPT_OUT:
         raise BadToken("the undo link no longer applies (the opt-out it undoes is not the latest change)")
-    consent.opt_in(session, recipient, reason=None, source="web-undo", client_ip=client_ip)
     return recipient
 
 

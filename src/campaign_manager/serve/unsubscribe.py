@@ -93,6 +93,18 @@ def unsubscribe_now(request: Request, token: str, db: Db, source: Annotated[str,
     return _page(request, "unsubscribed.html", address=_masked(done.recipient), undo_url=undo_url, test=done.test)
 
 
+@router.get("/undo/{token:path}", response_class=HTMLResponse)
+def undo_page(request: Request, token: str, db: Db) -> HTMLResponse:
+    """The undo link opened again (the address bar after the button, a reload): the confirmation with its Undo button
+    once more, while the undo still applies. A GET changes nothing."""
+    try:
+        recipient = unsubscribe.undoable(db, settings_of(request), token)
+    except BadToken:
+        return _bad_token(request, undo=True)
+    undo_url = None if recipient is None else token.rsplit("/", 1)[-1]  # relative: this same address
+    return _page(request, "unsubscribed.html", address=_masked(recipient), undo_url=undo_url, test=False)
+
+
 @router.post("/undo/{token:path}", response_class=HTMLResponse)
 def undo(request: Request, token: str, db: Db) -> HTMLResponse:
     try:
