@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 SINK := .cache/postfix/usr/sbin/smtp-sink
 # Debian's chromium and its driver, for the browser tests (tests/browser.py); `make chromium` installs them if missing.
 CHROMIUM := /usr/bin/chromium /usr/bin/chromedriver
+# Debian's wrk, the load of `make bench`'s cm serve figures (bench/serve.py), installed by `make bench` if missing.
+WRK := /usr/bin/wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint format bench example clean chromium
+.PHONY: demo test lint format bench example clean chromium wrk
 
 # The example plugin is installed as an outsider installs theirs, so its tests go through its entry point.
 $(STAMP): pyproject.toml examples/cm-sms-gateway/pyproject.toml
@@ -39,6 +41,10 @@ chromium:
 			chromium chromium-driver; \
 	fi
 
+wrk:
+	@test -x $(WRK) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk; }
+
 test: lint $(SINK)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -46,7 +52,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench examples
 	$(BIN)/ruff format src tests bench examples
 
-bench: $(STAMP) $(SINK)
+bench: $(STAMP) $(SINK) wrk
 	$(BIN)/python -m bench
 
 # campaign.toml.example is generated from the settings' declarations (cm's and the built-in notifiers'); a test
