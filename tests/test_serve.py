@@ -112,3 +112,18 @@ def test_connections_are_accepted_with_nodelay() -> None:
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_burst_beyond_threads_and_connections_is_answered(
+    postgres_url: str, serve_factory: Callable[..., ServeProcess]
+) -> None:
+    """More requests at once than route threads plus the engine's 30 PostgreSQL connections: each is answered. (A
+    route thread once checked its connection out itself, and FastAPI validated the answer and ended the session on
+    the same pool of threads: with 2 threads, 32 clients were enough for not one answer.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = serve_factory(postgres_url, env={"CM_API_TOKEN": "t0ken", "CM_SERVE_THREADS": "2"})
+    url, headers = server.url + "/recipients/?limit=10", {"Authorization": "Bearer t0ken"}
+    with ThreadPoolExecutor(80) as pool:
+        answers = list(pool.map(lambda _: get(url, headers)[0], range(240)))
+    assert answers == [200] * 240

@@ -3,9 +3,12 @@ normally), the client's IP address."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from sqlmodel import Session
 
@@ -25,15 +28,44 @@ def views_of(request: Request) -> Views:
     return request.app.state.views  # type: ignore[no-any-return]
 
 
-def session(request: Request) -> Iterator[Session]:
-    with open_session(settings_of(request).database_url) as opened:
-        yield opened
+# Sessions are opened and ended on threads of their own, apart from the pool the routes run on, and a session has
+# its connection before its route starts. When a route thread checked the connection out and the default pool also
+# ended sessions, a burst deadlocked on PostgreSQL: every route thread waited for a connection of the engine's pool,
+# and every connection was held by a request whose route had returned and whose answer (FastAPI validates it on a
+# route thread) and commit waited for one (50 clients, 8 threads, 30 connections: not one answer). Now a route
+# thread never waits for a connection, and ending a session never waits for anything but the database.
+_OPENINGS, _ENDINGS = CapacityLimiter(64), CapacityLimiter(64)
 
 
-def reading(request: Request) -> Iterator[Session]:
-    """A session that only reads: on SQLite it takes no write lock, so a listing never waits behind an import."""
-    with open_session(settings_of(request).database_url, write=False) as opened:
-        yield opened
+def _dependency(*, write: bool) -> Callable[[Request], AsyncIterator[Session]]:
+    async def dependency(request: Request) -> AsyncIterator[Session]:
+        opening = open_session(settings_of(request).database_url, write=write)
+
+        def enter() -> Session:
+            opened = opening.__enter__()
+            try:
+                opened.connection()  # the connection, and the transaction (SQLite: BEGIN IMMEDIATE to write), now
+            except BaseException as exc:
+                opening.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            return opened
+
+        opened = await anyio.to_thread.run_sync(enter, limiter=_OPENINGS)
+        try:
+            yield opened
+        except BaseException as exc:
+            ending = functools.partial(opening.__exit__, type(exc), exc, exc.__traceback__)
+            if not await anyio.to_thread.run_sync(ending, limiter=_ENDINGS):
+                raise
+        else:
+            await anyio.to_thread.run_sync(opening.__exit__, None, None, None, limiter=_ENDINGS)
+
+    return dependency
+
+
+session = _dependency(write=True)
+# A session that only reads: on SQLite it takes no write lock, so a listing never waits behind an import.
+reading = _dependency(write=False)
 
 
 # What a route takes to use the database (`Reader` when it only reads). `scope="function"`: the session commits
