@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.views = Views(settings)
     app.state.trusted = trusted_networks(settings.serve.trusted_proxies)
+    app.state.sqlite_writers = None  # made when the application starts (_lifespan): it belongs to the event loop
     app.add_exception_handler(CmError, _cm_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_middleware(PrivateHeaders)
@@ -87,9 +88,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The threads that run the routes: `serve.threads`, by default 4 per core, not anyio's 40 (on 2 cores, 40
     threads taking turns at the GIL answered a page of recipients 77 times a second under 50 clients, 8 threads
     110 times: bench/README.md)."""
+    import anyio
     import anyio.to_thread
 
     anyio.to_thread.current_default_thread_limiter().total_tokens = threads(app.state.settings)
+    app.state.sqlite_writers = anyio.Semaphore(1)  # serve.deps: this process's SQLite writers take turns
     yield
 
 

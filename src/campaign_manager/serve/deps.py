@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import anyio.to_thread
@@ -12,7 +13,7 @@ from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from sqlmodel import Session
 
-from campaign_manager.db import open_session
+from campaign_manager.db import is_sqlite, open_session
 from campaign_manager.serve.clients import client_ip
 
 if TYPE_CHECKING:
@@ -39,28 +40,45 @@ _OPENINGS, _ENDINGS = CapacityLimiter(64), CapacityLimiter(64)
 
 def _dependency(*, write: bool) -> Callable[[Request], AsyncIterator[Session]]:
     async def dependency(request: Request) -> AsyncIterator[Session]:
-        opening = open_session(settings_of(request).database_url, write=write)
-
-        def enter() -> Session:
-            opened = opening.__enter__()
-            try:
-                opened.connection()  # the connection, and the transaction (SQLite: BEGIN IMMEDIATE to write), now
-            except BaseException as exc:
-                opening.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            return opened
-
-        opened = await anyio.to_thread.run_sync(enter, limiter=_OPENINGS)
-        try:
+        url = settings_of(request).database_url
+        writers: anyio.Semaphore | None = request.app.state.sqlite_writers if write and is_sqlite(url) else None
+        if writers is None:
+            async with _opened(url, write=write) as opened:
+                yield opened
+            return
+        # SQLite has one writer at a time: this process's writers take turns here, first come first served, rather
+        # than in SQLite's busy handler, whose growing sleeps favour the latest comer (50 one-click POSTs at once:
+        # p99 4.7 s behind p50 0.2 s).
+        async with writers, _opened(url, write=write) as opened:
             yield opened
-        except BaseException as exc:
-            ending = functools.partial(opening.__exit__, type(exc), exc, exc.__traceback__)
-            if not await anyio.to_thread.run_sync(ending, limiter=_ENDINGS):
-                raise
-        else:
-            await anyio.to_thread.run_sync(opening.__exit__, None, None, None, limiter=_ENDINGS)
 
     return dependency
+
+
+@asynccontextmanager
+async def _opened(url: str, *, write: bool) -> AsyncIterator[Session]:
+    """A session over `url` whose connection is checked out (and its transaction begun) and which is ended, on
+    threads of their own (see _OPENINGS)."""
+    opening = open_session(url, write=write)
+
+    def enter() -> Session:
+        opened = opening.__enter__()
+        try:
+            opened.connection()  # the connection, and the transaction (SQLite: BEGIN IMMEDIATE to write), now
+        except BaseException as exc:
+            opening.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return opened
+
+    opened = await anyio.to_thread.run_sync(enter, limiter=_OPENINGS)
+    try:
+        yield opened
+    except BaseException as exc:
+        ending = functools.partial(opening.__exit__, type(exc), exc, exc.__traceback__)
+        if not await anyio.to_thread.run_sync(ending, limiter=_ENDINGS):
+            raise
+    else:
+        await anyio.to_thread.run_sync(opening.__exit__, None, None, None, limiter=_ENDINGS)
 
 
 session = _dependency(write=True)
