@@ -176,7 +176,9 @@ def test_sigkill_mid_send_loses_nobody_and_resends_within_the_bound(
     assert len(received) == count  # nobody lost
     resent = sum(n - 1 for n in received.values())
     print(f"sent before the kill: {before_kill}, resent after it: {resent}")
-    assert resent <= connections + record_batch, f"{resent} messages went out twice"
+    # In flight, per connection: a message whose reply was read but not yet handed to the recorder, and the next
+    # one, whose data went out behind it (PIPELINING); then the results not yet written.
+    assert resent <= 2 * connections + record_batch, f"{resent} messages went out twice"
     stats = _stats(cm, cid)
     assert (stats["status"], stats["sent"], stats["pending"]) == ("sent", count, 0)
 

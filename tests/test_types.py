@@ -22,7 +22,7 @@ Cm = Callable[..., Run]
 
 # Every state and outcome, as the strings the database, logs and --json held before they were enums.
 SPELLINGS: list[tuple[type[StrEnum], list[str]]] = [
-    (states.RecipientStatus, ["active", "opted_out", "bounced"]),
+    (states.RecipientStatus, ["active", "opted_out", "bounced", "pending"]),
     (states.JobStatus, ["queued", "running", "done", "failed", "cancelled"]),
     (states.ConsentAction, ["opt_out", "opt_in", "forget", "bounce", "clear_bounce"]),
     (states.CampaignStatus, ["draft", "scheduled", "sending", "paused", "sent", "cancelled"]),
@@ -111,8 +111,8 @@ def test_config_show_draws_its_table_and_its_json_from_one_model(cm_bare: Cm, tm
         for line in lines[1:]
     }
     as_text = {
-        # a key not set (None) shows as an empty cell
-        key: {"value": "" if shown["value"] is None else str(shown["value"]), "source": shown["source"]}
+        # a key not set (None, or an empty list) shows as an empty cell
+        key: {"value": "" if shown["value"] in (None, []) else str(shown["value"]), "source": shown["source"]}
         for key, shown in model["settings"].items()
     }
     assert rows == as_text

@@ -332,6 +332,9 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    """A value as JSON gives it back: a path as text, a list key's tuple as a list."""
+    if isinstance(value, tuple):
+        return list(value)
     return str(value) if isinstance(value, Path) else value
 
 
