@@ -52,6 +52,17 @@ def chrome_options() -> webdriver.ChromeOptions:
     return options
 
 
+def _gone(element: WebElement) -> bool:
+    """The page that held `element` was replaced. Selenium's staleness_of, plus the other way chromedriver says so
+    when the new page comes in mid-check ("Node with given id does not belong to the document", seen once in CI)."""
+    try:
+        return bool(expected_conditions.staleness_of(element)(None))
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+
+
 @dataclass
 class Browser:
     """The driver, and where the screenshots of this test go."""
@@ -69,7 +80,7 @@ class Browser:
         """Click the button (or link) whose text is `text`, wait for the page it leads to, then shoot and check it."""
         old = self.driver.find_element(By.TAG_NAME, "html")
         self.element(text).click()
-        WebDriverWait(self.driver, WAIT_SECONDS).until(expected_conditions.staleness_of(old))
+        WebDriverWait(self.driver, WAIT_SECONDS).until(lambda _: _gone(old))
         self.page()
 
     def submit(self) -> None:
